@@ -1,0 +1,118 @@
+"""The typed schema of the pipeline's configuration, and one loader that every stage uses.
+
+Hydra composes `conf/` into a plain tree; this module checks that tree against dataclasses before
+any work starts, so a typo or an out-of-range value fails at once with the key's full name instead
+of half-way through a training run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that the pipeline cannot use; the message names the key."""
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class FileSpec:
+    name: str
+    md5: str
+
+
+@dataclass
+class DownloadConfig:
+    retries: int = 3
+    backoff: float = 1.0
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        _require(self.retries >= 1, "data.download.retries", self.retries, "an integer >= 1")
+        _require(self.backoff >= 0, "data.download.backoff", self.backoff, "seconds >= 0")
+        _require(self.timeout > 0, "data.download.timeout", self.timeout, "seconds > 0")
+
+
+FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+N_OFFICIAL_TRAIN = 60_000
+
+
+@dataclass
+class DataConfig:
+    raw_dir: str = "data/raw"
+    extra_dir: str = "data/extra"
+    split_dir: str = "data/split"
+    mirrors: list[str] = MISSING
+    files: dict[str, FileSpec] = MISSING
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    val_size: int = 10_000
+    seed: int = 42
+    class_names: list[str] = MISSING
+
+    def __post_init__(self) -> None:
+        _require(
+            sorted(self.files) == sorted(FILE_KEYS), "data.files", sorted(self.files),
+            f"exactly the keys {list(FILE_KEYS)}",
+        )
+        for key, spec in self.files.items():
+            _require(
+                len(spec.md5) == 32 and all(c in "0123456789abcdef" for c in spec.md5),
+                f"data.files.{key}.md5", spec.md5, "32 lowercase hexadecimal digits",
+            )
+        _require(
+            0 < self.val_size < N_OFFICIAL_TRAIN, "data.val_size", self.val_size,
+            f"an integer between 1 and {N_OFFICIAL_TRAIN - 1}",
+        )
+        _require(self.seed >= 0, "data.seed", self.seed, "an integer >= 0")
+        _require(
+            len(self.class_names) == 10 and len(set(self.class_names)) == 10,
+            "data.class_names", self.class_names, "10 distinct names",
+        )
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+
+
+def validate(raw: DictConfig | dict) -> Config:
+    """Merge `raw` into the schema and build the typed config, or raise ConfigError naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid configuration at key {key!r}: {reason}") from None
+    assert isinstance(config, Config)
+    return config
+
+
+def load(path: str | Path = PARAMS_FILE) -> Config:
+    """Read and validate a composed parameter file such as `params.yaml`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: parameter file not found; run `make params` to compose it from conf/"
+        )
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in several exception types
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
