@@ -87,7 +87,7 @@ class Config:
 
 
 def validate(raw: DictConfig | dict) -> Config:
-    """Merge `raw` into the schema and build the typed config, or raise ConfigError naming the key."""
+    """Merge `raw` into the schema and build the typed config; ConfigError names the bad key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         config = OmegaConf.to_object(merged)

@@ -1,0 +1,244 @@
+"""Extra labelled images: 28x28 grayscale PNGs in one folder per class.
+
+Layout: `<extra_dir>/<class>/<anything>.png`. The folder name gives the class, either as its
+index `0`-`9` or as its Fashion-MNIST name from `class_names`, compared after lower-casing and
+dropping everything that is not a letter or a digit. So `T-shirt/top` (whose slash cannot be
+in a folder name) can be written `t-shirt_top`, `T-shirt-top`, `tshirt_top` or `TShirtTop`, and
+`Ankle boot` as `ankle_boot`, `Ankle boot` or `ankle-boot`.
+
+Accepted images: PNG files (extension `.png` in any case) of exactly 28x28 pixels in mode "L"
+(8-bit grayscale, no alpha), the format of Fashion-MNIST itself. Other modes are refused rather
+than converted, because a colour, alpha or 16-bit image is most likely not what its author
+meant to add, and a silent conversion would hide that.
+
+Ignored: files without a `.png` extension anywhere (.gitignore, README, .DS_Store) and hidden
+entries (names starting with "."; this covers macOS `._x.png` resource forks). Everything else
+that does not fit — an unknown class folder, a PNG outside a class folder, a subfolder in a
+class folder, an unreadable, mis-sized or wrong-mode image — is a problem. `validate_extra`
+reports all of them at once; `load_extra` refuses to load a folder that has any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = (28, 28)  # width, height
+IMAGE_MODE = "L"
+PNG_SUFFIX = ".png"
+
+
+@dataclass(frozen=True)
+class ExtraProblem:
+    """One thing wrong with the extra folder, tied to the file or folder concerned."""
+
+    path: Path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ExtraDataError(ValueError):
+    """The extra folder cannot be used; `problems` lists everything that is wrong with it."""
+
+    def __init__(self, problems: Sequence[ExtraProblem]):
+        self.problems = list(problems)
+        count = len(self.problems)
+        lines = [f"{count} problem{'s' if count != 1 else ''} with the extra images:"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class ExtraImages:
+    """Extra images in load order (sorted by path), with what identifies each file."""
+
+    images: np.ndarray  # (n, 28, 28) uint8
+    labels: np.ndarray  # (n,) uint8
+    paths: list[str] = field(default_factory=list)  # relative to the extra folder, with "/"
+    md5s: list[str] = field(default_factory=list)  # of the PNG files' bytes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self, n_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=n_classes)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 over every file's relative path and MD5, in load order.
+
+        Any added, removed, renamed, moved or edited PNG changes it; ignored files do not.
+        """
+        digest = hashlib.sha256()
+        for path, md5 in zip(self.paths, self.md5s, strict=True):
+            digest.update(f"{md5}  {path}\n".encode())
+        return digest.hexdigest()
+
+
+def normalise_class_name(name: str) -> str:
+    """The form in which folder names and class names are compared: lower-case alphanumerics."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def class_index(folder_name: str, class_names: Sequence[str]) -> int | None:
+    """The class that a folder name stands for (an index 0-9 or a class name), else None."""
+    if re.fullmatch(r"[0-9]", folder_name) and int(folder_name) < len(class_names):
+        return int(folder_name)
+    key = normalise_class_name(folder_name)
+    if not key:
+        return None
+    for index, name in enumerate(class_names):
+        if normalise_class_name(name) == key:
+            return index
+    return None
+
+
+def class_folder_name(index: int, class_names: Sequence[str]) -> str:
+    """A filesystem-safe folder name for a class: `T-shirt/top` -> `t-shirt_top`."""
+    return re.sub(r"[^0-9a-z-]+", "_", class_names[index].lower()).strip("_")
+
+
+def _accepted_classes(class_names: Sequence[str]) -> str:
+    return (
+        f"0-{len(class_names) - 1} or a class name "
+        f"({', '.join(class_folder_name(i, class_names) for i in range(len(class_names)))})"
+    )
+
+
+# What Pillow raises for a damaged or hostile file (SyntaxError: some malformed chunks).
+_DECODE_ERRORS = (
+    OSError, SyntaxError, EOFError, Image.DecompressionBombWarning, Image.DecompressionBombError
+)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Decode one extra image, or raise ValueError saying what is wrong with it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "PNG":
+                    raise ValueError(f"not a PNG file (it is {image.format or 'unknown'})")
+                if image.size != IMAGE_SIZE:
+                    raise ValueError(
+                        f"image is {image.size[0]}x{image.size[1]} pixels, expected "
+                        f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
+                    )
+                if image.mode != IMAGE_MODE:
+                    raise ValueError(
+                        f"image mode is {image.mode!r}, expected {IMAGE_MODE!r} (8-bit "
+                        "grayscale without alpha); convert it first, e.g. with Pillow's "
+                        "Image.convert('L')"
+                    )
+                image.load()
+                array = np.asarray(image, dtype=np.uint8).copy()
+        except ValueError:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise ValueError(f"unreadable image: {exc}") from None
+    return array
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """Read one extra image as a (28, 28) uint8 array; ValueError names the file and problem."""
+    path = Path(path)
+    try:
+        return decode_png(path.read_bytes())
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _is_png_name(path: Path) -> bool:
+    return path.suffix.lower() == PNG_SUFFIX
+
+
+def _scan(
+    extra_dir: Path, class_names: Sequence[str]
+) -> tuple[ExtraImages, list[ExtraProblem]]:
+    problems: list[ExtraProblem] = []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    paths: list[str] = []
+    md5s: list[str] = []
+    if extra_dir.exists() and not extra_dir.is_dir():
+        problems.append(ExtraProblem(extra_dir, "is not a folder"))
+    entries = sorted(extra_dir.iterdir()) if extra_dir.is_dir() else []
+    for entry in entries:
+        if _is_hidden(entry):
+            continue
+        if not entry.is_dir():
+            if _is_png_name(entry):
+                problems.append(ExtraProblem(
+                    entry, "image is not in a class folder; move it to "
+                    f"{extra_dir}/<class>/, where <class> is {_accepted_classes(class_names)}",
+                ))
+            continue
+        label = class_index(entry.name, class_names)
+        if label is None:
+            problems.append(ExtraProblem(
+                entry, f"unknown class folder {entry.name!r}: expected "
+                f"{_accepted_classes(class_names)}",
+            ))
+            continue
+        for file in sorted(entry.iterdir()):
+            if _is_hidden(file):
+                continue
+            if file.is_dir():
+                problems.append(ExtraProblem(
+                    file, "unexpected subfolder: images must sit directly in the class folder",
+                ))
+                continue
+            if not _is_png_name(file):
+                continue
+            try:
+                data = file.read_bytes()
+                array = decode_png(data)
+            except (ValueError, OSError) as exc:
+                problems.append(ExtraProblem(file, str(exc)))
+                continue
+            images.append(array)
+            labels.append(label)
+            paths.append(file.relative_to(extra_dir).as_posix())
+            md5s.append(hashlib.md5(data, usedforsecurity=False).hexdigest())
+    # Sorting the relative paths (not the per-folder listings) gives one global load order.
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    loaded = ExtraImages(
+        images=(
+            np.stack([images[i] for i in order]) if images
+            else np.zeros((0, *IMAGE_SIZE[::-1]), dtype=np.uint8)
+        ),
+        labels=np.array([labels[i] for i in order], dtype=np.uint8),
+        paths=[paths[i] for i in order],
+        md5s=[md5s[i] for i in order],
+    )
+    return loaded, problems
+
+
+def validate_extra(extra_dir: str | Path, class_names: Sequence[str]) -> list[ExtraProblem]:
+    """Every problem in the extra folder (empty list: usable). A missing folder is fine."""
+    return _scan(Path(extra_dir), class_names)[1]
+
+
+def load_extra(extra_dir: str | Path, class_names: Sequence[str]) -> ExtraImages:
+    """Load all extra images sorted by relative path; raise ExtraDataError listing all problems.
+
+    A missing or empty folder gives zero images.
+    """
+    loaded, problems = _scan(Path(extra_dir), class_names)
+    if problems:
+        raise ExtraDataError(problems)
+    return loaded
