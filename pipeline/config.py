@@ -81,15 +81,135 @@ class DataConfig:
         )
 
 
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "step")
+SCALINGS = ("standard", "minmax")
+PIXEL_TRANSFORMS = ("power", "sqrt", None)
+
+
+@dataclass
+class _PreprocessingFields:
+    scaling: str = "standard"
+    pixel_transform: str | None = "power"
+    power: float = 0.5
+
+    def _check_preprocessing(self) -> None:
+        _require(self.scaling in SCALINGS, "model.scaling", self.scaling, f"one of {SCALINGS}")
+        _require(
+            self.pixel_transform in PIXEL_TRANSFORMS, "model.pixel_transform",
+            self.pixel_transform, f"one of {PIXEL_TRANSFORMS}",
+        )
+        _require(self.power > 0, "model.power", self.power, "a number > 0")
+
+
+@dataclass
+class SoftmaxConfig(_PreprocessingFields):
+    """Our `SoftmaxRegression`; keys match its parameters except `lr` (learning_rate), `seed`."""
+
+    name: str = "softmax"
+    optimizer: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.9
+    nesterov: bool = True
+    batch_size: int = 512
+    epochs: int = 10
+    lr_schedule: str = "cosine"
+    l2: float = 1e-4
+    early_stopping: bool = False
+    patience: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_preprocessing()
+        _require(self.optimizer in OPTIMIZERS, "model.optimizer", self.optimizer,
+                 f"one of {OPTIMIZERS}")
+        _require(self.lr_schedule in LR_SCHEDULES, "model.lr_schedule", self.lr_schedule,
+                 f"one of {LR_SCHEDULES}")
+        _require(0 < self.lr < float("inf"), "model.lr", self.lr, "a finite number > 0")
+        _require(0 <= self.momentum < 1, "model.momentum", self.momentum, "0 <= momentum < 1")
+        _require(self.batch_size >= 1, "model.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.epochs >= 1, "model.epochs", self.epochs, "an integer >= 1")
+        _require(0 <= self.l2 < float("inf"), "model.l2", self.l2, "a finite number >= 0")
+        _require(self.patience >= 1, "model.patience", self.patience, "an integer >= 1")
+        _require(self.seed >= 0, "model.seed", self.seed, "an integer >= 0")
+
+
+@dataclass
+class LogRegConfig(_PreprocessingFields):
+    """scikit-learn's `LogisticRegression` (lbfgs) on the same preprocessing: the baseline."""
+
+    name: str = "sklearn_logreg"
+    C: float = 1.0
+    max_iter: int = 100
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        self._check_preprocessing()
+        _require(0 < self.C < float("inf"), "model.C", self.C, "a finite number > 0")
+        _require(self.max_iter >= 1, "model.max_iter", self.max_iter, "an integer >= 1")
+        _require(self.tol > 0, "model.tol", self.tol, "a number > 0")
+
+
+MODEL_SCHEMAS: dict[str, type] = {"softmax": SoftmaxConfig, "sklearn_logreg": LogRegConfig}
+
+# Metrics the evaluate stage writes, and whether more is better.
+PROMOTION_METRICS = {
+    "test_accuracy": True,
+    "test_f1_macro": True,
+    "test_f1_weighted": True,
+    "test_precision_macro": True,
+    "test_recall_macro": True,
+    "test_log_loss": False,
+}
+
+
+@dataclass
+class PromotionConfig:
+    metric: str = "test_accuracy"
+    min_improvement: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.metric in PROMOTION_METRICS, "mlflow.promotion.metric", self.metric,
+                 f"one of {sorted(PROMOTION_METRICS)}")
+        _require(self.min_improvement >= 0, "mlflow.promotion.min_improvement",
+                 self.min_improvement, "a number >= 0")
+
+    @property
+    def greater_is_better(self) -> bool:
+        return PROMOTION_METRICS[self.metric]
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "fashion-mnist"
+    registered_model: str = "fashion-mnist-softmax"
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("tracking_uri", "experiment", "registered_model"):
+            _require(bool(getattr(self, key).strip()), f"mlflow.{key}", getattr(self, key),
+                     "a non-empty string")
+
+
 @dataclass
 class Config:
     data: DataConfig = MISSING
+    model: Any = MISSING
+    mlflow: MlflowConfig = MISSING
 
 
 def validate(raw: DictConfig | dict) -> Config:
     """Merge `raw` into the schema and build the typed config; ConfigError names the bad key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        name = OmegaConf.select(merged, "model.name", default=None)
+        if name not in MODEL_SCHEMAS:
+            raise ConfigError(
+                f"model.name={name!r} is invalid: expected one of {sorted(MODEL_SCHEMAS)} "
+                "(choose a config group with `model=softmax` or `model=sklearn_logreg`)"
+            )
+        merged.model = OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[name]), merged.model)
         config = OmegaConf.to_object(merged)
     except ConfigError:
         raise

@@ -23,7 +23,8 @@ from pipeline.core.files import md5sum
 from pipeline.core.idx import write_idx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_CONF = REPO_ROOT / "conf" / "data" / "fashion_mnist.yaml"
+CONF_DIR = REPO_ROOT / "conf"
+DATA_CONF = CONF_DIR / "data" / "fashion_mnist.yaml"
 FILE_NAMES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -102,10 +103,21 @@ def data_params(files: Mapping[str, FileSpec], root: str | Path | None = None, *
     return base
 
 
+def default_section(group: str, option: str) -> dict[str, Any]:
+    """One config group option as committed in conf/, e.g. ("model", "softmax")."""
+    return yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())
+
+
 def write_params(path: str | Path, data: Mapping[str, Any], **sections: Any) -> Path:
-    """Write a composed parameter file with this `data` section (and any other sections)."""
+    """Write a composed parameter file with this `data` section; other sections default to conf/."""
     path = Path(path)
-    path.write_text(yaml.safe_dump({"data": dict(data), **sections}, sort_keys=False))
+    params = {
+        "data": dict(data),
+        "model": default_section("model", "softmax"),
+        "mlflow": default_section("mlflow", "local"),
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 

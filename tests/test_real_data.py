@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from pipeline import config
 from pipeline.core.extra import load_extra
@@ -23,7 +22,6 @@ from tests.synthetic import REPO_ROOT
 
 pytestmark = pytest.mark.real_data
 
-PARAMS = REPO_ROOT / "conf" / "data" / "fashion_mnist.yaml"
 
 
 def _candidates() -> list[Path]:
@@ -39,7 +37,7 @@ def _candidates() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def data_config() -> config.DataConfig:
-    return config.validate({"data": OmegaConf.load(PARAMS)}).data
+    return config.load(REPO_ROOT / "params.yaml").data
 
 
 @pytest.fixture(scope="module")

@@ -68,10 +68,12 @@ def _fsync_directory(directory: Path) -> None:
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only when the block finishes without error.
 
+    Missing parent directories are created.
     On any exception (including KeyboardInterrupt) the temporary file is removed and `path`
     keeps its previous content, or stays absent.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = temp_path_for(path)
         try:

@@ -1,0 +1,80 @@
+"""Compose `conf/` into `params.yaml`, exactly as `dvc exp run` does.
+
+DVC composes Hydra configs only in `dvc exp run`; `make params` calls this module so that plain
+`dvc repro` and `make train` see conf/ edits too. Using DVC's own function keeps the file
+byte-identical to what `dvc exp run` writes.
+
+Usage: python -m pipeline.params [--check] [HYDRA_OVERRIDE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from pipeline import config
+from pipeline.core.files import atomic_write_text
+
+CONFIG_DIR = "conf"
+CONFIG_NAME = "config"
+
+
+def compose(root: Path, overrides: Sequence[str] = ()) -> str:
+    """The text of params.yaml for the conf/ under `root`, with Hydra `overrides` applied."""
+    from dvc.utils.hydra import compose_and_dump  # imports Hydra; slow, so only when needed
+
+    root = root.resolve()
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "params.yaml"
+        compose_and_dump(output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root),
+                         list(overrides))
+        return output.read_text()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.params", description="Compose conf/ into params.yaml."
+    )
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if params.yaml differs from the composition of conf/")
+    parser.add_argument("--output", default=config.PARAMS_FILE)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.lr=0.01")
+    args = parser.parse_args(argv)
+
+    root = Path.cwd()
+    output = Path(args.output)
+    try:
+        text = compose(root, args.overrides)
+    except Exception as exc:  # Hydra raises several types for a bad conf/ or override
+        print(f"params: error: cannot compose {CONFIG_DIR}/{CONFIG_NAME}.yaml: {exc}",
+              file=sys.stderr)
+        return 1
+    current = output.read_text() if output.exists() else None
+    if args.check:
+        if current != text:
+            print(f"params: {output} differs from the composition of {CONFIG_DIR}/; "
+                  "run `make params` and commit the result", file=sys.stderr)
+            return 1
+        print(f"params: {output} matches {CONFIG_DIR}/")
+        return 0
+    try:
+        config.validate(yaml.safe_load(text))
+    except config.ConfigError as exc:
+        print(f"params: error: {CONFIG_DIR}/ composes to an invalid configuration: {exc}",
+              file=sys.stderr)
+        return 1
+    if current == text:
+        print(f"params: {output} is up to date")
+        return 0
+    atomic_write_text(output, text)
+    print(f"params: wrote {output} from {CONFIG_DIR}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
