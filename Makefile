@@ -9,6 +9,8 @@ PYTHON := $(BIN)/python
 PORT ?= 5001
 UI_PORT ?= 5000
 EVERY ?= weekly
+RETRAIN_ARGS ?=
+MODEL ?= models:/fashion-mnist-softmax@champion
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
 export PATH := $(BIN):$(PATH)
@@ -23,10 +25,11 @@ ifeq ($(strip $(FMNIST_MIRROR)),)
   endif
 endif
 
-.PHONY: help setup params data train repro test test-fast lint bench ui clean
+.PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
+	schedule unschedule schedule-systemd add-data clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
@@ -37,8 +40,39 @@ $(VENV)/.installed: pyproject.toml uv.lock
 setup: $(VENV)/.installed ## Create .venv from the lock file (idempotent)
 	@mkdir -p data/extra
 
+params: setup ## Compose conf/ into params.yaml (what `dvc exp run` does)
+	$(PYTHON) -m pipeline.params
+
 data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + split)
 	dvc repro split
+
+train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
+	dvc repro
+	@$(PYTHON) -m pipeline.summary
+
+ui: setup ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...)
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
+		--host 127.0.0.1 --port $(UI_PORT)
+
+serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=...)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
+		mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+retrain: params ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
+	$(PYTHON) -m pipeline.retrain $(RETRAIN_ARGS)
+
+schedule: setup ## Install a cron entry that retrains at EVERY=weekly|daily|hourly|"cron expr"
+	$(PYTHON) -m pipeline.schedule install --every "$(EVERY)"
+
+unschedule: setup ## Remove the cron entry
+	$(PYTHON) -m pipeline.schedule uninstall
+
+schedule-systemd: setup ## Install a systemd user timer instead of cron
+	$(PYTHON) -m pipeline.schedule install-systemd --every "$(EVERY)"
+
+add-data: setup ## Add labelled PNGs from DIR=path/<class>/*.png to data/extra (DVC-tracked)
+	@test -n "$(DIR)" || { echo "usage: make add-data DIR=path/to/folder" >&2; exit 2; }
+	$(PYTHON) -m pipeline.add_data "$(DIR)"
 
 test: setup ## Run the whole test suite (unit, integration, end-to-end)
 	$(PYTHON) -m pytest
@@ -53,4 +87,5 @@ bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real dat
 	$(PYTHON) benchmarks/bench_softmax.py
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
-	rm -rf data/raw data/split models metrics plots reports outputs multirun .pytest_cache .ruff_cache
+	rm -rf data/raw data/split models metrics plots reports outputs multirun dvc_plots \
+		.pytest_cache .ruff_cache

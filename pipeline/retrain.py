@@ -1,0 +1,434 @@
+"""One retraining cycle: refresh the inputs, `dvc repro`, say what happened to the champion.
+
+Usage: python -m pipeline.retrain [--params params.yaml] [--no-wait] [--log logs/retrain.log]
+
+Meant to be started by cron, a systemd timer or CI at any time, so a cycle is:
+- exclusive: it holds an flock on `logs/retrain.lock`; a second cycle waits for the first one,
+  or with --no-wait exits at once with 75 (EX_TEMPFAIL, "try again later");
+- idempotent: DVC reruns only the stages whose inputs changed, so a cycle with nothing new ends
+  with "nothing changed";
+- harmless when it fails: retrain itself never talks to the model registry. Only the `register`
+  stage does, and DVC runs it only after train and evaluate succeeded.
+
+Steps, each a subprocess in the repository root (the directory holding dvc.yaml, found from the
+--params file) with the virtualenv's python and dvc first on PATH:
+1. `dvc pull data.dvc`, only when a DVC remote is configured: labelled images pushed by others.
+   Images put in data/extra by hand and never committed make it fail rather than be deleted;
+   `python -m pipeline.add_data` commits them;
+2. `python -m pipeline.download`: re-verify the raw archives, refetch missing or corrupt ones;
+3. `dvc repro`: the whole pipeline, with whatever data/extra holds now.
+The outcome comes from models/registration.json, which the `register` stage writes: unchanged
+bytes mean that no new candidate was evaluated.
+
+Exit codes: 0 promoted, kept or nothing changed; 1 a failure (the failed step and the log file
+are named); 75 another cycle holds the lock and --no-wait was given; 130 interrupted.
+
+Log: each cycle appends timestamped lines (start, each step, the outcome or the failure) to the
+--log file. The steps' own output goes to stdout/stderr. When stdout is the log file itself (cron
+runs `... >> logs/retrain.log 2>&1`), each line is written there once, timestamped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline import config
+
+EX_TEMPFAIL = 75
+LOCK_FILE = Path("logs") / "retrain.lock"
+LOG_FILE = Path("logs") / "retrain.log"
+REGISTRATION_FILE = Path("models") / "registration.json"
+DVC_LOCK_FILE = "dvc.lock"
+EXTRA_DVC_FILE = "data.dvc"
+
+
+class RetrainError(Exception):
+    """A cycle that cannot go on; `step` is what failed, for the one-line report."""
+
+    def __init__(self, step: str, message: str):
+        super().__init__(f"{step}: {message}")
+        self.step = step
+        self.message = message
+
+
+class LockBusy(Exception):
+    """Another cycle holds the lock; the message says who, as far as the lock file knows."""
+
+
+def find_repo_root(start: str | Path) -> Path:
+    """The nearest directory at or above `start` that holds dvc.yaml: where stages must run."""
+    start = Path(start).absolute()
+    for directory in (start, *start.parents):
+        if (directory / "dvc.yaml").is_file():
+            return directory
+    raise RetrainError("find repository", f"no dvc.yaml in {start} or any parent directory")
+
+
+def venv_tool(name: str) -> str:
+    """A console script of this interpreter's environment, so cron's bare PATH does not matter."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise RetrainError(name, f"`{name}` is neither next to {sys.executable} nor on PATH")
+    return found
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every step: stage commands (`python -m ...`) must find the venv."""
+    env = dict(os.environ if base is None else base)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env["PATH"]]) if env.get("PATH") else bin_dir
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["DO_NOT_TRACK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"  # stage output shows up as it happens, even in a log file
+    return env
+
+
+def dvc_remotes(root: Path, env: dict[str, str] | None = None) -> list[str]:
+    """Names of the configured DVC remotes (`dvc remote list`); empty when there are none."""
+    result = subprocess.run(
+        [venv_tool("dvc"), "remote", "list"], cwd=root, env=env or child_env(),
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        raise RetrainError("dvc remote list", detail)
+    return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+
+
+# --- The lock -------------------------------------------------------------------------------
+
+
+def _timestamp() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def cycle_lock(
+    path: str | Path, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the block; the kernel drops it if the process dies.
+
+    Busy: with `wait`, call `on_wait(holder)` once and block until it is free; without, raise
+    LockBusy. The file is never deleted: removing a lock file while others wait on it would let
+    two processes each hold "the" lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
+            if not wait:
+                raise LockBusy(f"{path} is held by {holder}") from None
+            if on_wait is not None:
+                on_wait(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {_timestamp()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --- What the cycle did ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The files that tell whether a repro changed anything (None: absent)."""
+
+    dvc_lock: bytes | None
+    registration: bytes | None
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def take_snapshot(root: Path) -> Snapshot:
+    return Snapshot(_read_or_none(root / DVC_LOCK_FILE), _read_or_none(root / REGISTRATION_FILE))
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Registration:
+    """models/registration.json, as the register stage writes it."""
+
+    metric: str
+    candidate: ModelVersion | None
+    champion_before: ModelVersion | None
+    champion_after: ModelVersion | None
+    promoted: bool
+    reason: str
+
+
+def _model_version(raw: Any, key: str) -> ModelVersion | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "version" not in raw or "value" not in raw:
+        raise ValueError(f"{key} must be null or an object with 'version' and 'value'")
+    value = raw["value"]
+    return ModelVersion(str(raw["version"]), float("nan") if value is None else float(value))
+
+
+def parse_registration(text: str | bytes) -> Registration:
+    """Registration from the file's text; ValueError says which part does not fit the schema."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("expected a JSON object")
+    missing = [key for key in ("metric", "candidate", "champion_after", "promoted")
+               if key not in raw]
+    if missing:
+        raise ValueError(f"missing keys: {', '.join(missing)}")
+    return Registration(
+        metric=str(raw["metric"]),
+        candidate=_model_version(raw["candidate"], "candidate"),
+        champion_before=_model_version(raw.get("champion_before"), "champion_before"),
+        champion_after=_model_version(raw["champion_after"], "champion_after"),
+        promoted=bool(raw["promoted"]),
+        reason=str(raw.get("reason", "")),
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "promoted", "kept" or "unchanged"
+    line: str
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _value(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def describe(registration: Registration, changed: bool) -> Outcome:
+    """The one line a cycle ends with; `changed`: this cycle wrote the registration."""
+    metric = registration.metric
+    champion, candidate = registration.champion_after, registration.candidate
+    if not changed:
+        if champion is None:
+            return Outcome("unchanged", "nothing changed (no champion yet)")
+        return Outcome("unchanged", f"nothing changed (champion version {champion.version}, "
+                                    f"{metric} {_value(champion.value)})")
+    if candidate is None:
+        raise ValueError("a new registration without a candidate")
+    before = registration.champion_before
+    if registration.promoted and before is not None and before.version == candidate.version:
+        # The register stage ran again for the run that is already the champion.
+        return Outcome("kept", f"kept champion version {candidate.version} ({metric} "
+                               f"{_value(candidate.value)}; the candidate is that same version)")
+    if registration.promoted:
+        if before is None:
+            detail = f"{metric} {_value(candidate.value)}; no previous champion"
+        else:
+            # "<" when lower is better (a loss as the promotion metric)
+            sign = (">" if candidate.value > before.value
+                    else "<" if candidate.value < before.value else "=")
+            detail = (f"{metric} {_value(candidate.value)} {sign} champion version "
+                      f"{before.version} {_value(before.value)}")
+        return Outcome("promoted", f"promoted version {candidate.version} ({detail})")
+    if champion is None:
+        return Outcome("kept", f"no champion: candidate version {candidate.version} not promoted "
+                               f"({registration.reason or metric + ' ' + _value(candidate.value)})")
+    return Outcome("kept", f"kept champion version {champion.version} ({metric} "
+                           f"{_value(champion.value)}; candidate version {candidate.version} "
+                           f"{_value(candidate.value)})")
+
+
+def outcome_of(root: Path, before: Snapshot, after: Snapshot) -> Outcome:
+    """Compare the registration before and after the repro; RetrainError if it is unusable."""
+    path = root / REGISTRATION_FILE
+    if after.registration is None:
+        raise RetrainError("read outcome", f"dvc repro succeeded but {path} does not exist; "
+                                           "is the register stage in dvc.yaml?")
+    try:
+        registration = parse_registration(after.registration)
+        return describe(registration, changed=after.registration != before.registration)
+    except ValueError as exc:
+        raise RetrainError("read outcome", f"{path}: {exc}") from None
+
+
+# --- The cycle ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+def plan(params: Path, pull_extra: bool) -> list[Step]:
+    """The commands of a cycle, in order; run from the repository root."""
+    steps = []
+    if pull_extra:
+        steps.append(Step("dvc pull", (venv_tool("dvc"), "pull", EXTRA_DVC_FILE)))
+    steps.append(Step("download", (sys.executable, "-m", "pipeline.download",
+                                   "--params", str(params))))
+    steps.append(Step("dvc repro", (venv_tool("dvc"), "repro")))
+    return steps
+
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
+    """One cycle under the caller's lock: the steps of `plan`, then the outcome.
+
+    Raises RetrainError naming the first step that failed; later steps do not run.
+    """
+    root, params = Path(root), Path(params).absolute()
+    env = child_env()
+    try:
+        data = config.load(params).data
+    except config.ConfigError as exc:
+        raise RetrainError("read parameters", str(exc)) from None
+    remotes = dvc_remotes(root, env)
+    log.info(f"DVC remotes: {', '.join(remotes)}" if remotes
+             else "no DVC remote configured: using data/extra as it is")
+    before = take_snapshot(root)
+    for step in plan(params, pull_extra=bool(remotes)):
+        if step.name == "dvc repro":
+            # A fresh clone has no data/extra when no image was ever added; split depends on it.
+            (root / data.extra_dir).mkdir(parents=True, exist_ok=True)
+        log.info(f"step {step.name}: {step}")
+        started = time.monotonic()
+        try:
+            code = run(list(step.argv), cwd=root, env=env).returncode
+        except OSError as exc:
+            raise RetrainError(step.name, f"cannot run {step.argv[0]}: {exc}") from None
+        if code != 0:
+            raise RetrainError(step.name, f"exited with code {code} (its output is above)")
+        log.info(f"step {step.name}: done in {time.monotonic() - started:.1f} s")
+    after = take_snapshot(root)
+    if after.dvc_lock != before.dvc_lock and after.registration == before.registration:
+        log.info("dvc.lock changed but the registration did not: no new candidate")
+    return outcome_of(root, before, after)
+
+
+# --- Reporting ------------------------------------------------------------------------------
+
+
+def _is_same_file(stream: TextIO, path: Path) -> bool:
+    try:
+        here, there = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+class CycleLog:
+    """Lines for whoever watches (stdout, errors on stderr) and, timestamped, for the log file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+    def _emit(self, message: str, stream: TextIO, shown: str) -> None:
+        stamped = f"{_timestamp()} [pid {os.getpid()}] {message}"
+        if self.path is not None and _is_same_file(stream, self.path):
+            print(stamped, file=stream, flush=True)
+            return
+        print(shown, file=stream, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(stamped + "\n")
+
+    def info(self, message: str) -> None:
+        self._emit(message, sys.stdout, f"retrain: {message}")
+
+    def error(self, message: str) -> None:
+        self._emit(message, sys.stderr, f"retrain: error: {message}")
+
+    def outcome(self, outcome: Outcome) -> None:
+        self._emit(f"outcome: {outcome.line}", sys.stdout, outcome.line)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.retrain",
+        description="Run one retraining cycle: refresh inputs, dvc repro, report the outcome.",
+        epilog="Exit codes: 0 promoted/kept/nothing changed, 1 failure, "
+               f"{EX_TEMPFAIL} another cycle is running (--no-wait), 130 interrupted.",
+    )
+    parser.add_argument("--params", default=config.PARAMS_FILE,
+                        help="composed parameter file; its directory (or a parent) holds dvc.yaml")
+    parser.add_argument("--no-wait", action="store_true",
+                        help=f"exit with {EX_TEMPFAIL} at once if another cycle is running")
+    parser.add_argument("--log", type=Path, default=None,
+                        help=f"file to append the cycle's lines to (default: <repo>/{LOG_FILE})")
+    args = parser.parse_args(argv)
+
+    params = Path(args.params).absolute()
+    try:
+        root = find_repo_root(params.parent)
+    except RetrainError as exc:
+        print(f"retrain: error: {exc}", file=sys.stderr)
+        return 1
+    log_path = (args.log.absolute() if args.log is not None else root / LOG_FILE)
+    try:
+        log = CycleLog(log_path)
+    except OSError as exc:
+        print(f"retrain: error: cannot write the log file {log_path}: {exc}", file=sys.stderr)
+        return 1
+
+    def announce_wait(holder: str) -> None:
+        log.info(f"another cycle is running ({holder}); waiting for it to finish")
+
+    try:
+        with cycle_lock(root / LOCK_FILE, wait=not args.no_wait, on_wait=announce_wait):
+            log.info(f"start: cycle in {root} with {params.name}")
+            outcome = run_cycle(root, params, log)
+    except LockBusy as exc:
+        log.error(f"another cycle is running ({exc}); not waiting (--no-wait)")
+        return EX_TEMPFAIL
+    except RetrainError as exc:
+        champion = ("The champion is untouched unless the register stage itself failed"
+                    if exc.step == "dvc repro" else "The champion is untouched")
+        log.error(f"step {exc.step!r} failed: {exc.message}. {champion}. Log: {log_path}")
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; the champion is untouched unless the register stage had started")
+        return 130
+    log.outcome(outcome)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

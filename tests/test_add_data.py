@@ -1,0 +1,243 @@
+"""`python -m pipeline.add_data` against a real git + DVC repository in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import add_data
+from pipeline.core.extra import load_extra
+from tests.conftest import Archives
+from tests.synthetic import (
+    CLASS_NAMES,
+    REPO_ROOT,
+    data_params,
+    make_images,
+    write_extra_folder,
+    write_params,
+    write_png,
+)
+
+DVC = str(Path(sys.executable).parent / "dvc")
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+def _run(*argv: str, cwd: Path) -> str:
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(argv, cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def repo_template(tmp_path_factory: pytest.TempPathFactory, archives: Archives) -> Path:
+    """A git + DVC repository like this one: dvc.yaml, params.yaml, data.dvc of an empty folder."""
+    root = tmp_path_factory.mktemp("add-data-template") / "repo"
+    root.mkdir()
+    _run("git", "init", "-q", cwd=root)
+    _run(DVC, "init", "-q", cwd=root)
+    _run(DVC, "config", "core.analytics", "false", cwd=root)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    write_params(root / "params.yaml", data_params(archives.specs))
+    shutil.copyfile(REPO_ROOT / "data.dvc", root / "data.dvc")
+    (root / "data" / "extra").mkdir(parents=True)
+    (root / ".gitignore").write_text("/data/extra/\n")
+    _run("git", "add", "-A", cwd=root)
+    _run("git", "commit", "-qm", "init", cwd=root)
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path: Path, repo_template: Path) -> Path:
+    root = tmp_path / "repo"
+    shutil.copytree(repo_template, root, symlinks=True)
+    return root
+
+
+def _add(repo: Path, source: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = add_data.main([str(source), "--params", str(repo / "params.yaml")])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _tracked(repo: Path) -> dict:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_adds_images_under_canonical_folders_and_commits_data_dvc(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "new"
+    write_extra_folder(source, {"Trouser": 2, "3": 1, "Ankle boot": 1})
+    before = _tracked(repo)
+
+    code, out, err = _add(repo, source, capsys)
+
+    assert code == 0, err
+    extra = repo / "data" / "extra"
+    assert sorted(_files(extra)) == ["ankle_boot/img_0000.png", "dress/img_0000.png",
+                                     "trouser/img_0000.png", "trouser/img_0001.png"]
+    loaded = load_extra(extra, CLASS_NAMES)
+    assert sorted(loaded.labels.tolist()) == [1, 1, 3, 9]
+    tracked = _tracked(repo)
+    assert tracked["path"] == "data/extra" and tracked["nfiles"] == 4
+    assert tracked["md5"] != before["md5"]
+    assert "up to date" in _run(DVC, "status", "data.dvc", cwd=repo).lower()
+    assert _run("git", "status", "--porcelain", cwd=repo).split() == ["M", "data.dvc"]
+    assert "added 4 images (trouser: 2, dress: 1, ankle_boot: 1)" in out
+    assert "git add data.dvc && git commit -m" in out
+    assert "no DVC remote configured" in out and "\n  dvc push" not in out
+
+    first = _files(extra)
+    code, out, _ = _add(repo, source, capsys)  # again: everything is there already
+
+    assert code == 0
+    assert _files(extra) == first and _tracked(repo) == tracked
+    assert out.count("same image as") == 4 and "added 0 images, skipped 4" in out
+
+
+def _copy_all(source: Path, extra: Path) -> add_data.Plan:
+    plan = add_data.make_plan(source, extra, CLASS_NAMES)
+    for copy in plan.copies:
+        add_data.copy_image(copy)
+    return plan
+
+
+def test_a_taken_name_gets_a_new_one_and_known_content_is_skipped(tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    existing = write_png(extra / "1" / "img_0000.png", make_images([1], seed=99)[0]).read_bytes()
+    (extra / "trouser").mkdir()
+    (extra / "trouser" / "img_0000-1.png").write_bytes(existing)
+    source = tmp_path / "new"
+    write_extra_folder(source, {"trouser": 1})
+    (source / "trouser" / "shirt.png").write_bytes(existing)
+
+    plan = _copy_all(source, extra)
+
+    assert [(s.name, e.relative_to(extra).as_posix()) for s, e in plan.skipped] == [
+        ("shirt.png", "1/img_0000.png")]
+    assert _files(extra) == {
+        "1/img_0000.png": existing, "trouser/img_0000-1.png": existing,
+        "trouser/img_0000.png": (source / "trouser" / "img_0000.png").read_bytes(),
+    }
+
+
+def test_same_name_twice_in_the_input_gets_two_names(tmp_path: Path) -> None:
+    source = tmp_path / "new"
+    write_png(source / "2" / "a.png", make_images([2], seed=1)[0])
+    write_png(source / "pullover" / "a.png", make_images([2], seed=2)[0])
+    write_png(source / "pullover" / "b.png", make_images([2], seed=1)[0])  # same as 2/a.png
+
+    plan = _copy_all(source, tmp_path / "extra")
+
+    assert sorted(_files(tmp_path / "extra")) == ["pullover/a-1.png", "pullover/a.png"]
+    assert [s.relative_to(source).as_posix() for s, _ in plan.skipped] == ["pullover/b.png"]
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    source, extra = tmp_path / "new", tmp_path / "extra"
+    write_extra_folder(source, {6: 1})
+    [copy] = add_data.make_plan(source, extra, CLASS_NAMES).copies
+    write_png(copy.destination, make_images([6], seed=5)[0])  # another writer got there first
+    theirs = copy.destination.read_bytes()
+
+    final = add_data.copy_image(copy)
+
+    assert final.name == "img_0000-1.png" and final.read_bytes() == copy.data
+    assert copy.destination.read_bytes() == theirs
+    assert sorted(_files(extra)) == ["shirt/img_0000-1.png", "shirt/img_0000.png"]
+
+
+def test_invalid_input_is_reported_at_once_and_nothing_is_added(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "new"
+    write_extra_folder(source, {0: 2})
+    write_png(source / "bag" / "big.png", np.zeros((32, 32), dtype=np.uint8))
+    write_png(source / "bag" / "colour.png", np.zeros((28, 28), dtype=np.uint8), mode="RGB")
+    write_png(source / "hats" / "hat.png", np.zeros((28, 28), dtype=np.uint8))
+    (source / "bag" / "broken.png").write_bytes(b"not a png")
+    data_dvc = (repo / "data.dvc").read_bytes()
+
+    code, out, err = _add(repo, source, capsys)
+
+    assert code == 1
+    assert "4 problems" in err and "nothing was added" in err
+    for name in ("big.png", "colour.png", "broken.png", "hats"):
+        assert name in err
+    assert _files(repo / "data" / "extra") == {}
+    assert (repo / "data.dvc").read_bytes() == data_dvc
+
+
+def test_an_image_already_labelled_otherwise_is_a_conflict(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = write_png(repo / "data" / "extra" / "bag" / "x.png", make_images([8])[0])
+    source = tmp_path / "new"
+    write_extra_folder(source, {8: 1})
+    (source / "sandal").mkdir()
+    shutil.copyfile(image, source / "sandal" / "same.png")
+
+    code, _, err = _add(repo, source, capsys)
+
+    assert code == 1
+    assert "same.png" in err and "already labelled 'Bag'" in err and str(image) in err
+    assert sorted(_files(repo / "data" / "extra")) == ["bag/x.png"]
+
+
+@pytest.mark.parametrize("layout", ["empty", "missing", "inside-extra"])
+def test_no_images_or_a_wrong_folder_is_refused(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture, layout: str
+) -> None:
+    source = {"empty": tmp_path / "empty", "missing": tmp_path / "missing",
+              "inside-extra": repo / "data" / "extra"}[layout]
+    if layout == "empty":
+        (source / "trouser").mkdir(parents=True)
+        (source / "README.md").write_text("nothing here")
+
+    code, _, err = _add(repo, source, capsys)
+
+    assert code == 1
+    assert {"empty": "no PNG images", "missing": "not a folder",
+            "inside-extra": "inside the extra folder"}[layout] in err
+
+
+def test_failed_dvc_commit_keeps_the_images_and_says_how_to_finish(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with open(repo / "data.dvc", "a") as f:
+        f.write("frobnicate: true\n")  # DVC refuses a .dvc file with unknown keys
+    source = tmp_path / "new"
+    write_extra_folder(source, {4: 2})
+
+    code, out, err = _add(repo, source, capsys)
+
+    assert code == 1
+    assert "dvc commit -f data.dvc` failed" in err and "frobnicate" in err
+    assert "images are in place" in err and "dvc commit -f data.dvc" in err.splitlines()[-1]
+    assert sorted(_files(repo / "data" / "extra")) == ["coat/img_0000.png", "coat/img_0001.png"]
+
+
+def test_command_line_with_a_remote_says_to_push(repo: Path, tmp_path: Path) -> None:
+    _run(DVC, "remote", "add", "-d", "storage", str(tmp_path / "remote"), cwd=repo)
+    source = tmp_path / "new"
+    write_extra_folder(source, {5: 1})
+
+    result = subprocess.run([sys.executable, "-m", "pipeline.add_data", str(source)], cwd=repo,
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert (repo / "data" / "extra" / "sandal" / "img_0000.png").is_file()
+    assert result.stdout.rstrip().endswith("dvc push")

@@ -1,0 +1,343 @@
+"""The schedulers: the cron entry (through a fake `crontab` on a temporary file) and the systemd
+user units (parsed, rendered and, where systemd-analyze exists, verified by systemd itself)."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import schedule
+
+FAKE_CRONTAB = """\
+#!/bin/sh
+# crontab -l / crontab - on the file $FAKE_CRONTAB_FILE, with the real one's answers.
+case "$1" in
+  -l) if [ -f "$FAKE_CRONTAB_FILE" ]; then cat "$FAKE_CRONTAB_FILE"
+      else echo "no crontab for $(id -un)" >&2; exit 1; fi ;;
+  -)  content=$(cat; echo x); content=${content%x}
+      case "$content" in *"
+") ;; *) echo "new crontab file is missing newline before EOF, can't install." >&2; exit 1 ;;
+      esac
+      printf '%s' "$content" > "$FAKE_CRONTAB_FILE" ;;
+  *)  echo "usage: crontab [-l | -]" >&2; exit 2 ;;
+esac
+"""
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "checkout"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    return root
+
+
+@pytest.fixture
+def crontab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file behind a fake `crontab` command that CRONTAB points at (absent: no crontab)."""
+    script = tmp_path / "bin" / "crontab"
+    script.parent.mkdir()
+    script.write_text(FAKE_CRONTAB)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    table = tmp_path / "crontab.txt"
+    monkeypatch.setenv("CRONTAB", str(script))
+    monkeypatch.setenv("FAKE_CRONTAB_FILE", str(table))
+    return table
+
+
+def _schedule(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = schedule.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _ours(table: Path, repo: Path) -> list[str]:
+    return [line for line in table.read_text().splitlines() if not line.startswith("#")
+            and line.endswith(f"# fashion-mnist-retrain:{repo.resolve()}")]
+
+
+# --- Cron expressions -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expression", [
+    "17 3 * * 1", "*/15 * * * *", "0 0 1,15 * *", "5 4 * * sun", "0 22 * * 1-5",
+    "0 0 * jan,jul *", "30 2-6/2 * * 7", "0  0   * * *", "59 23 31 12 0",
+])
+def test_valid_cron_expressions(expression: str) -> None:
+    assert schedule.validate_cron(expression) == " ".join(expression.split())
+
+
+@pytest.mark.parametrize(("expression", "message"), [
+    ("17 3 * *", "has 4 fields, expected 5"),
+    ("@weekly", "has 1 fields"),
+    ("60 * * * *", "minute: 60 is out of range 0-59"),
+    ("* 24 * * *", "hour: 24 is out of range 0-23"),
+    ("* * 0 * *", "day of month: 0 is out of range 1-31"),
+    ("* * * 13 *", "month: 13 is out of range 1-12"),
+    ("* * * * 8", "day of week: 8 is out of range 0-7"),
+    ("*/0 * * * *", "step '0'"),
+    ("*/ * * * *", "step ''"),
+    ("5-1 * * * *", "range '5-1' goes backwards"),
+    ("x * * * *", "minute: 'x' is not a number"),
+    ("* * * * funday", "day of week: 'funday' is not a number or a name"),
+    ("1,,2 * * * *", "empty list item"),
+    ("5/10 * * * *", "a step needs `*` or a range"),
+    ("* * * mon-fri *", "month: 'mon' is not a number"),
+])
+def test_invalid_cron_expressions(expression: str, message: str) -> None:
+    with pytest.raises(schedule.ScheduleError, match=message.replace("*", r"\*")):
+        schedule.validate_cron(expression)
+
+
+def test_presets_are_off_the_hour_and_valid() -> None:
+    for every, (cron, _) in schedule.PRESETS.items():
+        assert schedule.cron_schedule(every) == schedule.validate_cron(cron)
+        assert cron.split()[0] not in ("0", "00"), every
+    assert schedule.cron_schedule("weekly") == "17 3 * * 1"
+
+
+# --- The crontab ----------------------------------------------------------------------------
+
+
+def test_install_into_an_empty_crontab(repo: Path, crontab: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _schedule(capsys, "install", "--repo", str(repo))
+
+    assert code == 0, err
+    [line] = crontab.read_text().splitlines()
+    assert crontab.read_text().endswith("\n")
+    assert line.startswith("17 3 * * 1 cd ")
+    assert "make retrain RETRAIN_ARGS=--no-wait >> logs/retrain.log 2>&1 " in line
+    assert line == _ours(crontab, repo)[0]
+    assert "installed the cron entry (17 3 * * 1)" in out
+    assert (repo / "logs").is_dir()
+
+
+def test_install_twice_replaces_and_keeps_other_entries(
+    repo: Path, tmp_path: Path, crontab: Path, capsys: pytest.CaptureFixture
+) -> None:
+    others = (
+        "MAILTO=ops@example.com\n"
+        "# a comment that mentions # fashion-mnist-retrain:" + str(repo.resolve()) + "\n"
+        "0 1 * * * /usr/bin/backup\n"
+        "17 3 * * 1 cd /elsewhere && make retrain # fashion-mnist-retrain:/elsewhere\n"
+    )
+    crontab.write_text(others)
+
+    assert _schedule(capsys, "install", "--repo", str(repo))[0] == 0
+    code, out, _ = _schedule(capsys, "install", "--repo", str(repo), "--every", "0 */6 * * *")
+
+    assert code == 0 and "replaced the cron entry (0 */6 * * *)" in out
+    lines = crontab.read_text().splitlines()
+    assert lines[:4] == others.splitlines()
+    assert len(lines) == 5 and lines[4].startswith("0 */6 * * * cd ")
+    assert _ours(crontab, repo) == [lines[4]]
+
+
+def test_install_from_a_subdirectory_finds_the_repository(
+    repo: Path, crontab: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (repo / "pipeline").mkdir()
+    monkeypatch.chdir(repo / "pipeline")
+    assert _schedule(capsys, "install", "--every", "daily")[0] == 0
+    assert _ours(crontab, repo)[0].startswith("17 3 * * * ")
+
+
+def test_uninstall_removes_only_this_checkouts_entry(
+    repo: Path, crontab: Path, capsys: pytest.CaptureFixture
+) -> None:
+    crontab.write_text("0 1 * * * /usr/bin/backup\n")
+    assert _schedule(capsys, "install", "--repo", str(repo))[0] == 0
+
+    code, out, _ = _schedule(capsys, "uninstall", "--repo", str(repo))
+    assert code == 0 and "removed the cron entry" in out
+    assert crontab.read_text() == "0 1 * * * /usr/bin/backup\n"
+
+    code, out, _ = _schedule(capsys, "uninstall", "--repo", str(repo))
+    assert code == 0 and "nothing to remove" in out
+
+
+def test_show(repo: Path, crontab: Path, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    units = tmp_path / "units"
+    code, out, _ = _schedule(capsys, "show", "--repo", str(repo), "--dest", str(units))
+    assert code == 0 and "cron: not scheduled" in out and "systemd: no timer" in out
+    _schedule(capsys, "install", "--repo", str(repo), "--every", "hourly")
+    code, out, _ = _schedule(capsys, "show", "--repo", str(repo), "--dest", str(units))
+    assert code == 0 and "cron: scheduled (17 * * * *)" in out
+
+
+def test_a_percent_sign_in_the_path_is_escaped_for_cron(
+    tmp_path: Path, crontab: Path, capsys: pytest.CaptureFixture
+) -> None:
+    repo = tmp_path / "100% sure"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    for _ in range(2):
+        assert _schedule(capsys, "install", "--repo", str(repo))[0] == 0
+    [line] = crontab.read_text().splitlines()
+    assert "100\\% sure" in line and "100% sure" not in line
+
+
+def test_invalid_schedule_leaves_the_crontab_alone(
+    repo: Path, crontab: Path, capsys: pytest.CaptureFixture
+) -> None:
+    crontab.write_text("0 1 * * * /usr/bin/backup\n")
+    code, _, err = _schedule(capsys, "install", "--repo", str(repo), "--every", "fortnightly")
+    assert code == 1 and "has 1 fields, expected 5" in err and "weekly, daily, hourly" in err
+    assert crontab.read_text() == "0 1 * * * /usr/bin/backup\n"
+
+
+def test_without_crontab_the_error_suggests_systemd(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("CRONTAB", str(tmp_path / "no-such-crontab"))
+    code, _, err = _schedule(capsys, "install", "--repo", str(repo))
+    assert code == 1
+    assert "not found" in err and "install-systemd" in err
+
+
+def test_a_failing_crontab_is_reported(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    script = tmp_path / "crontab"
+    script.write_text("#!/bin/sh\necho 'you are not allowed to use this program' >&2\nexit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CRONTAB", str(script))
+    code, _, err = _schedule(capsys, "install", "--repo", str(repo))
+    assert code == 1 and "`crontab -l` failed" in err and "not allowed" in err
+
+
+def test_the_installed_command_runs_make_retrain_as_cron_would(
+    repo: Path, crontab: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Cron runs the line's command with /bin/sh, a bare PATH, from $HOME, with % unescaped."""
+    (repo / "Makefile").write_text("retrain:\n\t@echo \"retrain run with [$(RETRAIN_ARGS)]\"\n")
+    shutil.rmtree(repo / "logs", ignore_errors=True)
+    assert _schedule(capsys, "install", "--repo", str(repo))[0] == 0
+    line = _ours(crontab, repo)[0]
+    command = line.split(None, 5)[5].replace("\\%", "%")
+
+    result = subprocess.run(["/bin/sh", "-c", command], cwd=Path.home(),
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+                            capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert (repo / "logs" / "retrain.log").read_text() == "retrain run with [--no-wait]\n"
+
+
+# --- systemd --------------------------------------------------------------------------------
+
+
+def _units(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None,
+                                       comment_prefixes=("#", ";"))
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(path.read_text())
+    return parser
+
+
+def test_unit_templates_have_what_systemd_needs() -> None:
+    service = _units(schedule.TEMPLATE_DIR / "fashion-mnist-retrain.service")
+    assert service["Service"]["Type"] == "oneshot"
+    assert service["Service"]["WorkingDirectory"] == "@REPO@"
+    assert service["Service"]["ExecStart"] == "@MAKE@ retrain RETRAIN_ARGS=--no-wait"
+    assert service["Unit"]["Description"]
+    timer = _units(schedule.TEMPLATE_DIR / "fashion-mnist-retrain.timer")
+    assert timer["Timer"]["OnCalendar"] == schedule.PRESETS["weekly"][1]
+    assert timer["Timer"]["Persistent"] == "true"
+    assert timer["Timer"]["RandomizedDelaySec"]
+    assert timer["Timer"]["Unit"] == "fashion-mnist-retrain.service"
+    assert timer["Install"]["WantedBy"] == "timers.target"
+
+
+def test_install_systemd_renders_the_units(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dest = tmp_path / "systemd" / "user"
+    code, out, err = _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest))
+
+    assert code == 0, err
+    service = _units(dest / "fashion-mnist-retrain.service")
+    assert service["Service"]["WorkingDirectory"] == str(repo.resolve())
+    make = service["Service"]["ExecStart"].split()[0]
+    assert Path(make).is_absolute() and os.access(make, os.X_OK)
+    assert "@" not in "".join(line for line in (dest / "fashion-mnist-retrain.service")
+                              .read_text().splitlines() if not line.startswith("#"))
+    timer = _units(dest / "fashion-mnist-retrain.timer")
+    assert timer["Timer"]["OnCalendar"] == "Mon *-*-* 03:17:00"
+    assert ("systemctl --user daemon-reload && systemctl --user enable --now "
+            "fashion-mnist-retrain.timer") in out
+
+
+@pytest.mark.parametrize(("args", "calendar"), [
+    (["--every", "daily"], "*-*-* 03:17:00"),
+    (["--every", "hourly"], "*-*-* *:17:00"),
+    (["--on-calendar", "Sat *-*-* 04:45:00"], "Sat *-*-* 04:45:00"),
+])
+def test_install_systemd_with_another_schedule(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], calendar: str
+) -> None:
+    dest = tmp_path / "units"
+    assert _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest),
+                     *args)[0] == 0
+    assert _units(dest / "fashion-mnist-retrain.timer")["Timer"]["OnCalendar"] == calendar
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_accepts_the_rendered_units(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for _, calendar in schedule.PRESETS.values():
+        subprocess.run(["systemd-analyze", "calendar", calendar], check=True,
+                       capture_output=True)
+    dest = tmp_path / "units"
+    assert _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest))[0] == 0
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no",
+         str(dest / "fashion-mnist-retrain.timer"), str(dest / "fashion-mnist-retrain.service")],
+        capture_output=True, text=True,
+    )
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if "fashion-mnist-retrain" in line]
+    assert not problems, "\n".join(problems)
+
+
+def test_install_systemd_refuses_a_bad_calendar(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest",
+                             str(tmp_path / "units"), "--on-calendar", "every tuesday")
+    assert code == 1 and "--on-calendar 'every tuesday'" in err
+    assert not (tmp_path / "units").exists()
+
+
+def test_uninstall_systemd(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dest = tmp_path / "units"
+    _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest))
+    wants = dest / "timers.target.wants"
+    wants.mkdir()
+    (wants / "fashion-mnist-retrain.timer").symlink_to(dest / "fashion-mnist-retrain.timer")
+
+    code, out, _ = _schedule(capsys, "show", "--repo", str(repo), "--dest", str(dest))
+    assert "systemd: enabled" in out
+    code, _, err = _schedule(capsys, "uninstall-systemd", "--dest", str(dest))
+    assert code == 1 and "systemctl --user disable --now fashion-mnist-retrain.timer" in err
+
+    (wants / "fashion-mnist-retrain.timer").unlink()
+    code, out, _ = _schedule(capsys, "uninstall-systemd", "--dest", str(dest))
+    assert code == 0 and "systemctl --user daemon-reload" in out
+    assert sorted(p.name for p in dest.iterdir()) == ["timers.target.wants"]
+
+
+def test_the_command_line_entry_point(repo: Path, crontab: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline.schedule", "install"], cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert len(_ours(crontab, repo)) == 1
