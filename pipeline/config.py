@@ -7,12 +7,13 @@ of half-way through a training run.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 PARAMS_FILE = "params.yaml"
 
@@ -91,7 +92,7 @@ PIXEL_TRANSFORMS = ("power", "sqrt", None)
 class _PreprocessingFields:
     scaling: str = "standard"
     pixel_transform: str | None = "power"
-    power: float = 0.5
+    power: float = 0.3
 
     def _check_preprocessing(self) -> None:
         _require(self.scaling in SCALINGS, "model.scaling", self.scaling, f"one of {SCALINGS}")
@@ -108,13 +109,13 @@ class SoftmaxConfig(_PreprocessingFields):
 
     name: str = "softmax"
     optimizer: str = "adam"
-    lr: float = 0.001
+    lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = True
     batch_size: int = 512
-    epochs: int = 10
+    epochs: int = 4
     lr_schedule: str = "cosine"
-    l2: float = 1e-4
+    l2: float = 1e-3
     early_stopping: bool = False
     patience: int = 3
     seed: int = 0
@@ -209,13 +210,22 @@ def validate(raw: DictConfig | dict) -> Config:
                 f"model.name={name!r} is invalid: expected one of {sorted(MODEL_SCHEMAS)} "
                 "(choose a config group with `model=softmax` or `model=sklearn_logreg`)"
             )
-        merged.model = OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[name]), merged.model)
+        try:
+            merged.model = OmegaConf.merge(
+                OmegaConf.structured(MODEL_SCHEMAS[name]), merged.model
+            )
+        except OmegaConfBaseException as exc:  # the node is merged alone: restore the prefix
+            exc.full_key = f"model.{getattr(exc, 'full_key', None) or '?'}"
+            raise
         config = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         reason = str(exc).splitlines()[0]
+        schema = getattr(exc, "object_type", None)
+        if isinstance(exc, ConfigKeyError) and dataclasses.is_dataclass(schema):
+            reason += f"; allowed keys: {', '.join(f.name for f in dataclasses.fields(schema))}"
         raise ConfigError(f"invalid configuration at key {key!r}: {reason}") from None
     assert isinstance(config, Config)
     return config

@@ -1,0 +1,127 @@
+"""Stage `evaluate`: score the trained model on the official test set and on validation.
+
+Usage: python -m pipeline.evaluate [--params params.yaml]
+
+Writes the DVC metrics file, one prediction table per split for DVC's confusion-matrix plot, and
+figures and tables under reports/; logs all of them to the pipeline's MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import config, figures, models, tracking
+from pipeline.core.files import atomic_write_text
+from pipeline.core.metrics import Evaluation, evaluate_predictions
+from pipeline.outputs import Outputs
+
+SPLITS = ("test", "val")
+
+
+def load_split(data: config.DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(data.split_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the split stage first (`make data`)")
+    with np.load(path) as arrays:
+        return arrays["X"], arrays["y"]
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def record_split(
+    split: str, evaluation: Evaluation, X: np.ndarray, y: np.ndarray, proba: np.ndarray,
+    class_names: list[str], out: Outputs,
+) -> None:
+    """Files for DVC and people, and the same figures and tables in the MLflow run."""
+    import mlflow
+
+    y_pred = proba.argmax(axis=1)
+    names = np.asarray(class_names)
+    _write_csv(pd.DataFrame({"actual": names[y], "predicted": names[y_pred]}),
+               out.predictions(split))
+    out.evaluation.mkdir(parents=True, exist_ok=True)
+    confusion = pd.DataFrame(evaluation.confusion, index=class_names, columns=class_names)
+    confusion.index.name = "actual \\ predicted"
+    tables = {
+        f"confusion_{split}.csv": confusion.reset_index(),
+        f"per_class_{split}.csv": evaluation.per_class,
+        f"top_confusions_{split}.csv": evaluation.top_confusions,
+    }
+    for name, table in tables.items():
+        _write_csv(table, out.evaluation / name)
+        mlflow.log_table(table, artifact_file=f"evaluation/{Path(name).stem}.json")
+        mlflow.log_artifact(str(out.evaluation / name), artifact_path="evaluation")
+
+    drawings = {
+        f"confusion_{split}.png": figures.confusion_matrix_figure(
+            evaluation.confusion, class_names, f"Confusion matrix ({split}, counts)",
+            normalized=False),
+        f"confusion_{split}_normalized.png": figures.confusion_matrix_figure(
+            evaluation.confusion_normalized, class_names,
+            f"Confusion matrix ({split}, share of each actual class)", normalized=True),
+    }
+    if split == "test":
+        drawings["misclassified_test.png"] = figures.misclassified_figure(
+            X, y, y_pred, proba.max(axis=1), class_names)
+    for name, figure in drawings.items():
+        figures.save(figure, out.evaluation / name)
+        mlflow.log_figure(figure, f"evaluation/{name}")
+        figures.close(figure)
+
+
+def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, float]]:
+    """Evaluate `out.model` inside MLflow run `run_id`; returns the metrics per split."""
+    import mlflow
+
+    model = models.load(out.model)
+    class_names = list(cfg.data.class_names)
+    results: dict[str, dict[str, float]] = {}
+    with tracking.resume(run_id):
+        for split in SPLITS:
+            X, y = load_split(cfg.data, split)
+            proba = model.predict_proba(X)
+            evaluation = evaluate_predictions(y, proba, class_names)
+            results[split] = evaluation.scalars
+            mlflow.log_metrics({f"{split}_{k}": v for k, v in evaluation.scalars.items()})
+            record_split(split, evaluation, X, y, proba, class_names, out)
+        atomic_write_text(out.evaluate_metrics, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    keys = list(next(iter(results.values())))
+    lines = [f"{'metric':<20}" + "".join(f"{split:>10}" for split in results)]
+    lines += [f"{key:<20}" + "".join(f"{results[s][key]:>10.4f}" for s in results) for key in keys]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
+                                     description="Score the trained model on test and validation.")
+    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
+    args = parser.parse_args(argv)
+    out = Outputs()
+    try:
+        cfg = config.load(args.params)
+        tracking.connect(cfg.mlflow)
+        run_id = tracking.read_run_file(out.run)["run_id"]
+        results = run(cfg, out, run_id)
+    except (config.ConfigError, tracking.RunFileError, FileNotFoundError,
+            models.ModelFileError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Stage `register`: register the run's model; move `champion` to it only if it is better.
+
+Usage: python -m pipeline.register [--params params.yaml]
+
+Every successful run becomes a version of the registered model, tagged with its metrics, git
+commit, data version and run id. The version gets the alias `champion` if and only if it beats the
+current champion on the promotion metric (test set, fixed across runs) by more than
+`mlflow.promotion.min_improvement`; otherwise it gets `challenger` and the reason as a tag.
+
+The compare-and-set of the alias happens under a file lock, so two pipelines finishing at once on
+one machine leave exactly one champion, the better one. (Against a remote tracking server shared
+by several machines the lock is per machine; the re-check after taking the lock keeps the window
+small but not closed.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline import config, tracking
+from pipeline.core.files import atomic_write_text
+from pipeline.core.promotion import decide
+from pipeline.outputs import Outputs
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class RegistrationError(RuntimeError):
+    """The run cannot be registered (no model, no metric); the registry is left as it was."""
+
+
+def _lock_path(tracking_uri: str) -> Path:
+    """Next to a local sqlite store; otherwise one lock per tracking URI in the temp folder."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
+        database = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+        return database.with_name(database.name + ".register.lock")
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fashion-mnist-register-{digest}.lock"
+
+
+@contextmanager
+def registry_lock(tracking_uri: str) -> Iterator[None]:
+    path = _lock_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _version_summary(version: Any, metric: str, value: float | None) -> dict[str, Any] | None:
+    if version is None:
+        return None
+    return {"version": str(version.version), "value": value, "run_id": version.run_id}
+
+
+def _champion(client: Any, name: str, metric: str) -> tuple[Any, float | None]:
+    """The current champion version and its promotion metric, or (None, None)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    value = version.tags.get(metric)
+    if value is None:  # registered by something else: read the metric from its run
+        value = client.get_run(version.run_id).data.metrics.get(metric)
+    return version, float(value) if value is not None else None
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                name, description="Softmax regression on Fashion-MNIST; the alias `champion` "
+                "marks the best version on the promotion metric.")
+        except MlflowException as exc:  # created meanwhile by a concurrent pipeline
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
+def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[str, Any]:
+    """Register the run's model, apply the promotion rule, and record the decision."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    name = cfg.mlflow.registered_model
+    rule = cfg.mlflow.promotion
+    with tracking.resume(run_id):
+        metrics = client.get_run(run_id).data.metrics
+        if rule.metric not in metrics:
+            raise RegistrationError(
+                f"run {run_id} has no metric {rule.metric!r} (mlflow.promotion.metric); "
+                "run the evaluate stage first")
+        candidate_value = float(metrics[rule.metric])
+        with registry_lock(mlflow.get_tracking_uri()):
+            _ensure_registered_model(client, name)
+            existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+            if existing:
+                version = existing[0]
+            else:
+                commit, dirty = tracking.git_commit()
+                tags = {
+                    "run_id": run_id,
+                    "git_commit": commit,
+                    "git_dirty": str(dirty).lower(),
+                    **tracking.data_version(cfg.data),
+                    **{key: f"{value:.6g}" for key, value in metrics.items()
+                       if key.startswith(("test_", "val_"))},
+                    rule.metric: repr(candidate_value),
+                }
+                version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+            champion, champion_value = _champion(client, name, rule.metric)
+            if champion is not None and champion.version == version.version:
+                decision_promote, reason = True, "already the champion"
+                champion_before = _version_summary(champion, rule.metric, champion_value)
+            else:
+                decision = decide(candidate_value, champion_value, rule.metric,
+                                  rule.greater_is_better, rule.min_improvement)
+                decision_promote, reason = decision.promote, decision.reason
+                champion_before = _version_summary(champion, rule.metric, champion_value)
+                alias = CHAMPION if decision.promote else CHALLENGER
+                client.set_registered_model_alias(name, alias, version.version)
+            client.set_model_version_tag(name, version.version, "promotion_decision",
+                                         "promoted" if decision_promote else "kept champion")
+            client.set_model_version_tag(name, version.version, "promotion_reason", reason)
+            after, after_value = _champion(client, name, rule.metric)
+        mlflow.set_tags({
+            "registered_model": name,
+            "registered_version": str(version.version),
+            "promoted": str(decision_promote).lower(),
+            "promotion_reason": reason,
+        })
+        record = {
+            "run_id": run_id,
+            "registered_model": name,
+            "metric": rule.metric,
+            "candidate": {"version": str(version.version), "value": candidate_value},
+            "champion_before": champion_before,
+            "champion_after": _version_summary(after, rule.metric, after_value),
+            "promoted": decision_promote,
+            "reason": reason,
+        }
+        atomic_write_text(out.registration, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    metric, candidate = record["metric"], record["candidate"]
+    before = record["champion_before"]
+    if record["promoted"]:
+        vs = f" > champion version {before['version']} {before['value']:.4f}" if before else ""
+        return (f"promoted version {candidate['version']} to {CHAMPION} "
+                f"({metric} {candidate['value']:.4f}{vs})")
+    return (f"kept champion version {before['version']} ({metric} {before['value']:.4f}); "
+            f"version {candidate['version']}: {record['reason']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.register",
+                                     description="Register the model; promote it if better.")
+    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
+    args = parser.parse_args(argv)
+    out = Outputs()
+    try:
+        cfg = config.load(args.params)
+        tracking.connect(cfg.mlflow)
+        info = tracking.read_run_file(out.run)
+        record = run(cfg, out, info["run_id"], info["model_uri"])
+    except (config.ConfigError, tracking.RunFileError, RegistrationError, KeyError) as exc:
+        print(f"register: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"register: {describe(record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The table printed at the end of `make train`: what was trained, how it scored, who is champion.
+
+Reads only the files the stages wrote, so it works after a `dvc repro` that skipped every stage.
+
+Usage: python -m pipeline.summary
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.outputs import Outputs
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _champion(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "none"
+    value = entry.get("value")
+    return f"version {entry['version']}" + (f" ({value:.4f})" if value is not None else "")
+
+
+def format_summary(out: Outputs | None = None) -> str:
+    out = out or Outputs()
+    run = _read(out.run) or {}
+    trained = _read(out.train_metrics) or {}
+    evaluated = _read(out.evaluate_metrics) or {}
+    registration = _read(out.registration)
+    name, run_id = run.get("run_name", "?"), run.get("run_id", "?")
+    rows: list[tuple[str, str]] = [("run", f"{name} ({run_id})")]
+    if trained:
+        rows.append(("training", f"{trained['train_seconds']:.1f} s, {trained['epochs_run']} "
+                                 f"epochs (best {trained['best_epoch']})"))
+    for key in ("accuracy", "f1_macro", "log_loss"):
+        values = [f"{split} {evaluated[split][key]:.4f}" for split in ("val", "test")
+                  if key in evaluated.get(split, {})]
+        if values:
+            rows.append((key, "   ".join(values)))
+    if registration:
+        rows.append(("champion before", _champion(registration["champion_before"])))
+        rows.append(("champion after", _champion(registration["champion_after"])))
+        verdict = "promoted" if registration["promoted"] else "not promoted"
+        rows.append(("this model", f"version {registration['candidate']['version']}, {verdict}: "
+                                   f"{registration['reason']}"))
+    width = max(len(label) for label, _ in rows)
+    rule = "-" * (width + 2 + max(len(value) for _, value in rows))
+    lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if not Outputs().run.exists():
+        print("summary: no run yet: run `make train`", file=sys.stderr)
+        return 1
+    print(format_summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""End to end: `dvc repro` in a copy of the repository, on synthetic data, with a real MLflow store.
+
+Asserts what a user looks at: the parameters and learning curves of the run, both confusion
+matrices, the registered version and its `champion` alias, and that the champion loads and
+predicts. Then: a second `dvc repro` does nothing, a worse model does not take the champion, and
+a bad configuration fails before any MLflow run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.synthetic import REPO_ROOT, data_params, write_archives, write_params
+
+pytestmark = pytest.mark.slow
+
+MODEL_NAME = "fashion-mnist-softmax"
+BIN = Path(sys.executable).parent
+
+
+def copy_repository(destination: Path) -> None:
+    """The files a clone would have (tracked, plus new files not ignored), in a fresh git repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
+
+
+class Repo:
+    def __init__(self, root: Path, mirror: Path):
+        self.root = root
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "FMNIST_MIRROR": str(mirror),
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True,
+                                text=True, timeout=600)
+        if check and result.returncode != 0:
+            pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
+                        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+        return result
+
+    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "dvc"), *args, check=check)
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, params: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def json(self, relative: str) -> dict:
+        return json.loads((self.root / relative).read_text())
+
+    def client(self):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(f"sqlite:///{self.root / 'mlflow.db'}")
+        return MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    mirror = tmp_path_factory.mktemp("mirror")
+    specs = write_archives(mirror, n_train_per_class=60, n_test_per_class=20, seed=3)
+    root = tmp_path_factory.mktemp("repo")
+    copy_repository(root)
+    write_params(root / "params.yaml", data_params(specs, val_size=120))
+    (root / "data" / "extra").mkdir(parents=True, exist_ok=True)
+    repo = Repo(root, mirror)
+    repo.dvc("repro")
+    return repo
+
+
+def test_first_run_trains_evaluates_and_registers_a_champion(repo: Repo) -> None:
+    run_id = repo.json("models/run.json")["run_id"]
+    client = repo.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "softmax"
+    assert float(params["model.lr"]) == repo.params()["model"]["lr"]
+    assert params["data.val_size"] == "120"
+    assert run.data.tags["source"] == "dvc"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["data_raw_md5"].endswith(".dir")
+    assert run.data.tags["data_extra_md5"].endswith(".dir")
+
+    epochs = repo.params()["model"]["epochs"]
+    curve = client.get_metric_history(run_id, "epoch/val_loss")
+    assert [m.step for m in curve] == list(range(1, epochs + 1))
+    assert run.data.metrics["test_accuracy"] > 0.9  # the synthetic classes are separable
+    assert {"val_accuracy", "test_f1_macro", "test_log_loss", "train_seconds"} <= set(
+        run.data.metrics)
+
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    for name in ("confusion_test.png", "confusion_test_normalized.png", "confusion_val.png",
+                 "confusion_test.csv", "per_class_test.csv", "misclassified_test.png"):
+        assert f"evaluation/{name}" in artifacts
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [
+        "fashion-mnist-train", "fashion-mnist-validation"]
+
+    registration = repo.json("models/registration.json")
+    assert registration["promoted"] and registration["champion_before"] is None
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.run_id == run_id
+    assert champion.tags["run_id"] == run_id
+    assert float(champion.tags["test_accuracy"]) == run.data.metrics["test_accuracy"]
+
+
+def test_champion_loads_and_predicts(repo: Repo) -> None:
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    repo.client()
+    with np.load(repo.root / "data" / "split" / "test.npz") as test:
+        X, y = test["X"], test["y"]
+    uri = f"models:/{MODEL_NAME}@champion"
+    model = mlflow.sklearn.load_model(uri)
+    assert np.mean(model.predict(X) == y) > 0.9
+    assert np.allclose(model.predict_proba(X[:5]).sum(axis=1), 1.0)
+    assert np.array_equal(mlflow.pyfunc.load_model(uri).predict(X[:20]), model.predict(X[:20]))
+
+
+def test_dvc_outputs_for_metrics_and_plots(repo: Repo) -> None:
+    metrics = repo.dvc("metrics", "show", "--json").stdout
+    assert "test" in metrics and "accuracy" in metrics
+    shown = repo.dvc("plots", "show", "--json").stdout
+    assert "Confusion matrix (test)" in shown
+    predictions = (repo.root / "plots" / "predictions_test.csv").read_text().splitlines()
+    assert predictions[0] == "actual,predicted" and len(predictions) == 201
+    summary = repo.run(sys.executable, "-m", "pipeline.summary").stdout
+    assert "champion after" in summary and "version 1" in summary
+
+
+def test_second_repro_changes_nothing(repo: Repo) -> None:
+    client = repo.client()
+    runs_before = len(client.search_runs([client.get_experiment_by_name("fashion-mnist")
+                                          .experiment_id]))
+    result = repo.dvc("repro")
+    assert "didn't change" in result.stdout or "up to date" in result.stdout
+    runs_after = len(client.search_runs([client.get_experiment_by_name("fashion-mnist")
+                                         .experiment_id]))
+    assert runs_after == runs_before
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
+
+
+def test_rerunning_register_registers_nothing_new(repo: Repo) -> None:
+    repo.dvc("repro", "-f", "-s", "register")
+    client = repo.client()
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+
+
+def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
+    params = repo.params()
+    params["model"].update(lr=1e-6, epochs=1)
+    repo.write_params(params)
+    repo.dvc("repro")
+    client = repo.client()
+    registration = repo.json("models/registration.json")
+    assert not registration["promoted"]
+    assert registration["candidate"]["version"] == "2"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert str(challenger.version) == "2"
+    assert challenger.tags["promotion_decision"] == "kept champion"
+
+
+def test_bad_config_fails_and_leaves_no_running_run(repo: Repo) -> None:
+    params = repo.params()
+    params["model"]["lr"] = -1
+    repo.write_params(params)
+    result = repo.dvc("repro", check=False)
+    assert result.returncode != 0
+    assert "model.lr=-1" in result.stdout + result.stderr
+    client = repo.client()
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
