@@ -8,90 +8,19 @@ a bad configuration fails before any MLflow run is left RUNNING.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.synthetic import REPO_ROOT, data_params, write_archives, write_params
+from tests.repo_copy import MODEL_NAME, Repo, make_repo
 
 pytestmark = pytest.mark.slow
-
-MODEL_NAME = "fashion-mnist-softmax"
-BIN = Path(sys.executable).parent
-
-
-def copy_repository(destination: Path) -> None:
-    """The files a clone would have (tracked, plus new files not ignored), in a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
-
-
-class Repo:
-    def __init__(self, root: Path, mirror: Path):
-        self.root = root
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "FMNIST_MIRROR": str(mirror),
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
-
-    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True,
-                                text=True, timeout=600)
-        if check and result.returncode != 0:
-            pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
-                        f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
-        return result
-
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(str(BIN / "dvc"), *args, check=check)
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.root / "params.yaml").read_text())
-
-    def write_params(self, params: dict) -> None:
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    def json(self, relative: str) -> dict:
-        return json.loads((self.root / relative).read_text())
-
-    def client(self):
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        mlflow.set_tracking_uri(f"sqlite:///{self.root / 'mlflow.db'}")
-        return MlflowClient()
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    mirror = tmp_path_factory.mktemp("mirror")
-    specs = write_archives(mirror, n_train_per_class=60, n_test_per_class=20, seed=3)
-    root = tmp_path_factory.mktemp("repo")
-    copy_repository(root)
-    write_params(root / "params.yaml", data_params(specs, val_size=120))
-    (root / "data" / "extra").mkdir(parents=True, exist_ok=True)
-    repo = Repo(root, mirror)
+    repo = make_repo(tmp_path_factory.mktemp("repo"), tmp_path_factory.mktemp("mirror"))
     repo.dvc("repro")
     return repo
 
