@@ -59,22 +59,21 @@ def record_split(
     for name, table in tables.items():
         _write_csv(table, out.evaluation / name)
         mlflow.log_table(table, artifact_file=f"evaluation/{Path(name).stem}.json")
-        mlflow.log_artifact(str(out.evaluation / name), artifact_path="evaluation")
 
     drawings = {
-        f"confusion_{split}.png": figures.confusion_matrix_figure(
+        f"confusion_{split}.png": lambda: figures.confusion_matrix_figure(
             evaluation.confusion, class_names, f"Confusion matrix ({split}, counts)",
             normalized=False),
-        f"confusion_{split}_normalized.png": figures.confusion_matrix_figure(
+        f"confusion_{split}_normalized.png": lambda: figures.confusion_matrix_figure(
             evaluation.confusion_normalized, class_names,
             f"Confusion matrix ({split}, share of each actual class)", normalized=True),
     }
     if split == "test":
-        drawings["misclassified_test.png"] = figures.misclassified_figure(
+        drawings["misclassified_test.png"] = lambda: figures.misclassified_figure(
             X, y, y_pred, proba.max(axis=1), class_names)
-    for name, figure in drawings.items():
-        figures.save(figure, out.evaluation / name)
-        mlflow.log_figure(figure, f"evaluation/{name}")
+    for name, draw in drawings.items():
+        figure = draw()
+        figures.save(figure, out.evaluation / name)  # drawn once; the file goes to MLflow
         figures.close(figure)
 
 
@@ -93,6 +92,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
             results[split] = evaluation.scalars
             mlflow.log_metrics({f"{split}_{k}": v for k, v in evaluation.scalars.items()})
             record_split(split, evaluation, X, y, proba, class_names, out)
+        mlflow.log_artifacts(str(out.evaluation), artifact_path="evaluation")
         atomic_write_text(out.evaluate_metrics, json.dumps(results, indent=2) + "\n")
     return results
 

@@ -22,7 +22,8 @@ def confusion_matrix_figure(
     matrix: np.ndarray, class_names: Sequence[str], title: str, normalized: bool
 ) -> Figure:
     """A heatmap with the value in every cell; actual classes on rows, predictions on columns."""
-    fig, ax = plt.subplots(figsize=(9, 8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 8))
+    fig.subplots_adjust(left=0.16, right=0.98, bottom=0.17, top=0.95)
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1 if normalized else None)
     label = "share of actual class" if normalized else "images"
     fig.colorbar(image, ax=ax, shrink=0.8, label=label)
@@ -76,18 +77,20 @@ def misclassified_figure(
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
     columns = 6
     rows = max(1, int(np.ceil(len(wrong) / columns)))
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(columns * 1.9, rows * 2.1), layout="constrained"
-    )
-    for ax in np.atleast_1d(axes).ravel():
-        ax.axis("off")
-    for ax, index in zip(np.atleast_1d(axes).ravel(), wrong, strict=False):
-        ax.imshow(images[index].reshape(28, 28), cmap="gray_r", vmin=0, vmax=255)
-        ax.set_title(
-            f"{class_names[y_true[index]]}\n→ {class_names[y_pred[index]]} "
-            f"({confidence[index]:.0%})",
-            fontsize=7,
-        )
+    # One tiled image instead of 36 axes: the same picture, drawn in a fraction of the time.
+    cell, gap = 28, 12
+    tiles = np.zeros((rows * (cell + gap), columns * cell + (columns - 1) * 4), dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(columns * 1.9, rows * 2.3))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93)
+    for position, index in enumerate(wrong):
+        row, column = divmod(position, columns)
+        top, left = row * (cell + gap) + gap, column * (cell + 4)
+        tiles[top:top + cell, left:left + cell] = images[index].reshape(cell, cell)
+        ax.text(left + cell / 2, top - 1, f"{class_names[y_true[index]]}\n"
+                f"→ {class_names[y_pred[index]]} ({confidence[index]:.0%})",
+                ha="center", va="bottom", fontsize=7)
+    ax.imshow(tiles, cmap="gray_r", vmin=0, vmax=255)
+    ax.axis("off")
     fig.suptitle("Most confident mistakes (actual → predicted)")
     return fig
 

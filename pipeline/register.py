@@ -74,7 +74,11 @@ def _champion(client: Any, name: str, metric: str) -> tuple[Any, float | None]:
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    except MlflowException as exc:
+        # MLflow answers a missing alias with INVALID_PARAMETER_VALUE. Anything else (a broken
+        # store) must not be mistaken for "no champion", which would promote any candidate.
+        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            raise
         return None, None
     value = version.tags.get(metric)
     if value is None:  # registered by something else: read the metric from its run
@@ -167,6 +171,9 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
 def describe(record: dict[str, Any]) -> str:
     metric, candidate = record["metric"], record["candidate"]
     before = record["champion_before"]
+    if before and before["version"] == candidate["version"]:
+        return f"version {candidate['version']} is already the champion ({metric} " \
+               f"{candidate['value']:.4f})"
     if record["promoted"]:
         vs = f" > champion version {before['version']} {before['value']:.4f}" if before else ""
         return (f"promoted version {candidate['version']} to {CHAMPION} "

@@ -40,6 +40,8 @@ def connect(cfg: config.MlflowConfig) -> str:
     """Point MLflow at the configured store ($MLFLOW_TRACKING_URI wins); quiet its INFO logs."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # uv's virtualenvs have no pip; MLflow warns about it on every logged model.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
     mlflow.set_tracking_uri(uri)

@@ -141,9 +141,9 @@ def train(cfg: config.Config, out: Outputs, source: str, overrides: list[str]) -
         atomic_write_text(out.train_metrics, json.dumps(summary, indent=2) + "\n")
         curves = figures.learning_curves_figure(history)
         figures.save(curves, out.learning_curves)
-        mlflow.log_figure(curves, "training/learning_curves.png")
         figures.close(curves)
-        mlflow.log_artifact(str(out.history), artifact_path="training")
+        for path in (out.learning_curves, out.history):
+            mlflow.log_artifact(str(path), artifact_path="training")
 
         models.save(estimator, out.model)
         info = mlflow.sklearn.log_model(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.synthetic import REPO_ROOT, data_params, write_archives, write_params
+from tests.synthetic import REPO_ROOT, data_params, write_archives
 
 MODEL_NAME = "fashion-mnist-softmax"
 BIN = Path(sys.executable).parent
@@ -80,10 +80,21 @@ class Repo:
 
 def make_repo(root: Path, mirror: Path, n_train_per_class: int = 60, n_test_per_class: int = 20,
               val_size: int = 120, seed: int = 3) -> Repo:
-    """A committed copy of the project with synthetic archives in `mirror` and params to match."""
+    """A committed copy of the project whose conf/ and params.yaml use synthetic archives.
+
+    conf/data is rewritten and params.yaml composed from conf/ as `make params` would, so
+    `dvc exp run -S ...` (which recomposes conf/) works on the copy too.
+    """
+    from pipeline.params import compose
+
     specs = write_archives(mirror, n_train_per_class=n_train_per_class,
                            n_test_per_class=n_test_per_class, seed=seed)
     copy_repository(root)
-    write_params(root / "params.yaml", data_params(specs, val_size=val_size))
+    data = data_params(specs, val_size=val_size)
+    (root / "conf" / "data" / "fashion_mnist.yaml").write_text(
+        yaml.safe_dump(data, sort_keys=False))
+    (root / "params.yaml").write_text(compose(root))
     (root / "data" / "extra").mkdir(parents=True, exist_ok=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "commit", "-qam", "synthetic data"], cwd=root, check=True)
     return Repo(root, mirror)

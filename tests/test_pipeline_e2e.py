@@ -120,6 +120,37 @@ def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
     assert challenger.tags["promotion_decision"] == "kept champion"
 
 
+def test_hydra_sweep_gives_one_complete_run_per_point(repo: Repo) -> None:
+    """`python -m pipeline.train -m ...` composes conf/; each point trains, evaluates, registers."""
+    client = repo.client()
+    repo.run(sys.executable, "-m", "pipeline.train", "-m", "model.lr=0.02,0.2",
+             "model.epochs=2", "hydra.sweep.dir=multirun/sweep")
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    runs = client.search_runs([experiment], "tags.source = 'hydra'")
+    assert sorted(run.data.params["model.lr"] for run in runs) == ["0.02", "0.2"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert "test_accuracy" in run.data.metrics
+        assert run.data.tags["hydra_overrides"].startswith("model.lr=")
+        assert run.data.tags["registered_version"]
+    for point in ("0", "1"):
+        assert (repo.root / "multirun" / "sweep" / point / "metrics" / "evaluate.json").is_file()
+
+
+def test_dvc_exp_run_with_set_param_and_group_override(repo: Repo) -> None:
+    client = repo.client()
+    repo.dvc("exp", "run", "-S", "model.lr=0.05")
+    run = client.get_run(repo.json("models/run.json")["run_id"])
+    assert run.data.params["model.lr"] == "0.05"
+    repo.dvc("exp", "run", "-S", "model=sklearn_logreg", "-S", "model.max_iter=30")
+    run = client.get_run(repo.json("models/run.json")["run_id"])
+    assert run.data.params["model.name"] == "sklearn_logreg"
+    assert run.data.metrics["test_accuracy"] > 0.9
+    shown = repo.dvc("exp", "show", "--json").stdout
+    assert "sklearn_logreg" in shown and "0.05" in shown
+    repo.run("git", "checkout", "--", "params.yaml")
+
+
 def test_bad_config_fails_and_leaves_no_running_run(repo: Repo) -> None:
     params = repo.params()
     params["model"]["lr"] = -1

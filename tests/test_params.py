@@ -1,0 +1,51 @@
+"""params.yaml is the composition of conf/, byte for byte, as `dvc exp run` would write it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from pipeline import config, params
+from tests.synthetic import REPO_ROOT
+
+
+def test_committed_params_equal_the_composition_of_conf() -> None:
+    composed = params.compose(REPO_ROOT)
+    assert (REPO_ROOT / "params.yaml").read_text() == composed, (
+        "params.yaml is stale: run `make params` and commit it")
+
+
+def test_group_override_swaps_the_model_section() -> None:
+    composed = yaml.safe_load(params.compose(REPO_ROOT, ["model=sklearn_logreg", "model.C=0.5"]))
+    cfg = config.validate(composed)
+    assert isinstance(cfg.model, config.LogRegConfig) and cfg.model.C == 0.5
+
+
+def copy_project(tmp_path: Path) -> Path:
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_check_flags_a_stale_file_and_make_params_fixes_it(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(copy_project(tmp_path))
+    assert params.main(["--check"]) == 0
+    conf = tmp_path / "conf" / "model" / "softmax.yaml"
+    conf.write_text(conf.read_text().replace("epochs: 4", "epochs: 7"))
+    assert params.main(["--check"]) == 1
+    assert "make params" in capsys.readouterr().err
+    assert params.main([]) == 0
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["model"]["epochs"] == 7
+    assert params.main(["--check"]) == 0
+
+
+def test_invalid_composition_is_refused_and_nothing_written(tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    monkeypatch.chdir(copy_project(tmp_path))
+    before = (tmp_path / "params.yaml").read_text()
+    assert params.main(["model.lr=-1"]) == 1
+    assert "model.lr=-1" in capsys.readouterr().err
+    assert params.main(["model.nonsense=1"]) == 1
+    assert (tmp_path / "params.yaml").read_text() == before
