@@ -56,7 +56,12 @@ ui: setup ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...)
 
 serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=...)
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
+		MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
 		mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
+	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }
+	$(PYTHON) -m pipeline.predict $(INPUT) --model "$(MODEL)" $(ARGS)
 
 retrain: params ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
 	$(PYTHON) -m pipeline.retrain $(RETRAIN_ARGS)

@@ -8,9 +8,11 @@ of half-way through a training run.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -187,10 +189,26 @@ class MlflowConfig:
     registered_model: str = "fashion-mnist-softmax"
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
+    @property
+    def resolved_tracking_uri(self) -> str:
+        """$MLFLOW_TRACKING_URI wins over the configured store, as everywhere in MLflow."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
     def __post_init__(self) -> None:
         for key in ("tracking_uri", "experiment", "registered_model"):
             _require(bool(getattr(self, key).strip()), f"mlflow.{key}", getattr(self, key),
                      "a non-empty string")
+
+
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The file or folder behind a local tracking URI (sqlite or file store); None for a server."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite":
+        database = parts.path[1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+        return Path(database) if database and database != ":memory:" else None
+    if parts.scheme in ("", "file"):
+        return Path(parts.path)
+    return None
 
 
 @dataclass

@@ -153,21 +153,10 @@ def read_inputs(sources: Sequence[str]) -> list[Batch]:
 # --- The model ------------------------------------------------------------------------------
 
 
-def tracking_uri(mlflow_cfg: config.MlflowConfig) -> str:
-    """$MLFLOW_TRACKING_URI, else the configured store: `tracking.connect`'s rule, without the
-    experiment it creates and without importing MLflow."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow_cfg.tracking_uri
-
-
 def check_store(uri: str) -> None:
     """A local store must exist: MLflow would create an empty one and report a missing model."""
-    parts = urlsplit(uri)
-    if parts.scheme == "sqlite":
-        database = parts.path[1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-        path = Path(database) if database and database != ":memory:" else None
-    elif parts.scheme in ("", "file"):
-        path = Path(parts.path)
-    else:
+    path = config.local_store_path(uri)
+    if urlsplit(uri).scheme not in ("sqlite", "file", ""):
         return  # a tracking server: MLflow itself reports a connection failure
     if path is None or not path.exists():
         where = path.absolute() if path is not None else "memory"
@@ -243,7 +232,7 @@ def _load_from_mlflow(uri: str, store: str) -> tuple[Any, str]:
 def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
     """The estimator `uri` names, and a description of it for the user."""
     if urlsplit(uri).scheme in ("models", "runs"):
-        store = tracking_uri(mlflow_cfg)
+        store = mlflow_cfg.resolved_tracking_uri
         check_store(store)
         return _load_from_mlflow(uri, store)
     path = Path(uri)

@@ -25,7 +25,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pipeline import config, tracking
 from pipeline.core.files import atomic_write_text
@@ -42,10 +41,9 @@ class RegistrationError(RuntimeError):
 
 def _lock_path(tracking_uri: str) -> Path:
     """Next to a local sqlite store; otherwise one lock per tracking URI in the temp folder."""
-    parts = urlsplit(tracking_uri)
-    if parts.scheme == "sqlite" and parts.path not in ("", "/", "/:memory:"):
-        database = Path(parts.path[1:])  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-        return database.with_name(database.name + ".register.lock")
+    store = config.local_store_path(tracking_uri)
+    if store is not None:
+        return store.with_name(store.name + ".register.lock")
     digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"fashion-mnist-register-{digest}.lock"
 

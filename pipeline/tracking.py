@@ -43,7 +43,7 @@ def connect(cfg: config.MlflowConfig) -> str:
     # uv's virtualenvs have no pip; MLflow warns about it on every logged model.
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    uri = cfg.resolved_tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.experiment)
     return uri
