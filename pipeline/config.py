@@ -191,8 +191,20 @@ class MlflowConfig:
 
     @property
     def resolved_tracking_uri(self) -> str:
-        """$MLFLOW_TRACKING_URI wins over the configured store, as everywhere in MLflow."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        """$MLFLOW_TRACKING_URI wins over the configured store, as everywhere in MLflow.
+
+        A relative sqlite store is anchored at the project: `dvc exp run --temp` and `--queue`
+        run the stages in a copy under .dvc/tmp/exps/, where it would be a new, throw-away
+        store whose registry knows no champion.
+        """
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        store = local_store_path(uri)
+        if urlsplit(uri).scheme == "sqlite" and store is not None and not store.is_absolute():
+            parts = Path.cwd().parts
+            for i in range(1, len(parts) - 2):
+                if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+                    return f"sqlite:///{Path(*parts[:i]) / store}"
+        return uri
 
     def __post_init__(self) -> None:
         for key in ("tracking_uri", "experiment", "registered_model"):

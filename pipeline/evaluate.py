@@ -20,17 +20,10 @@ import pandas as pd
 from pipeline import config, figures, models, tracking
 from pipeline.core.files import atomic_write_text
 from pipeline.core.metrics import Evaluation, evaluate_predictions
+from pipeline.core.split import load_split
 from pipeline.outputs import Outputs
 
 SPLITS = ("test", "val")
-
-
-def load_split(data: config.DataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    path = Path(data.split_dir) / f"{split}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the split stage first (`make data`)")
-    with np.load(path) as arrays:
-        return arrays["X"], arrays["y"]
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -84,9 +77,9 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
     model = models.load(out.model)
     class_names = list(cfg.data.class_names)
     results: dict[str, dict[str, float]] = {}
-    with tracking.resume(run_id):
+    with tracking.resume(run_id, allow_failed=True):
         for split in SPLITS:
-            X, y = load_split(cfg.data, split)
+            X, y = load_split(cfg.data.split_dir, split)
             proba = model.predict_proba(X)
             evaluation = evaluate_predictions(y, proba, class_names)
             results[split] = evaluation.scalars
@@ -110,14 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
     args = parser.parse_args(argv)
     out = Outputs()
+    tracking.fail_runs_on_sigterm()
     try:
         cfg = config.load(args.params)
         tracking.connect(cfg.mlflow)
         run_id = tracking.read_run_file(out.run)["run_id"]
         results = run(cfg, out, run_id)
-    except (config.ConfigError, tracking.RunFileError, FileNotFoundError,
-            models.ModelFileError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
+    except tracking.expected_errors() as exc:
+        print(f"evaluate: error: {tracking.explain(exc)}", file=sys.stderr)
         return 1
     print(format_results(results))
     return 0

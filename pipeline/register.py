@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, tracking
-from pipeline.core.files import atomic_write_text
+from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
 from pipeline.outputs import Outputs
 
@@ -35,7 +35,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
-class RegistrationError(RuntimeError):
+class RegistrationError(ValueError):
     """The run cannot be registered (no model, no metric); the registry is left as it was."""
 
 
@@ -108,61 +108,65 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
     name = cfg.mlflow.registered_model
     rule = cfg.mlflow.promotion
     with tracking.resume(run_id):
-        metrics = client.get_run(run_id).data.metrics
-        if rule.metric not in metrics:
+        run_data = client.get_run(run_id).data
+        if rule.metric not in run_data.metrics:
             raise RegistrationError(
                 f"run {run_id} has no metric {rule.metric!r} (mlflow.promotion.metric); "
                 "run the evaluate stage first")
-        candidate_value = float(metrics[rule.metric])
+        candidate_value = float(run_data.metrics[rule.metric])
         with registry_lock(mlflow.get_tracking_uri()):
             _ensure_registered_model(client, name)
             existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
             if existing:
                 version = existing[0]
             else:
-                commit, dirty = tracking.git_commit()
+                # The version carries what the run was made from, as the train stage saw it.
+                provenance = {key: value for key, value in run_data.tags.items()
+                              if key.startswith(("git_", "data_", "split_"))}
                 tags = {
                     "run_id": run_id,
-                    "git_commit": commit,
-                    "git_dirty": str(dirty).lower(),
-                    **tracking.data_version(cfg.data),
-                    **{key: f"{value:.6g}" for key, value in metrics.items()
+                    **provenance,
+                    **{key: repr(value) for key, value in run_data.metrics.items()
                        if key.startswith(("test_", "val_"))},
-                    rule.metric: repr(candidate_value),
                 }
                 version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
             champion, champion_value = _champion(client, name, rule.metric)
+            champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:
-                decision_promote, reason = True, "already the champion"
-                champion_before = _version_summary(champion, rule.metric, champion_value)
+                promote, alias, reason = True, None, "already the champion"
             else:
                 decision = decide(candidate_value, champion_value, rule.metric,
                                   rule.greater_is_better, rule.min_improvement)
-                decision_promote, reason = decision.promote, decision.reason
-                champion_before = _version_summary(champion, rule.metric, champion_value)
-                alias = CHAMPION if decision.promote else CHALLENGER
-                client.set_registered_model_alias(name, alias, version.version)
+                promote, reason = decision.promote, decision.reason
+                alias = CHAMPION if promote else CHALLENGER
+            # Everything that can fail comes before the alias moves: a run that fails here
+            # is FAILED and has changed no alias.
             client.set_model_version_tag(name, version.version, "promotion_decision",
-                                         "promoted" if decision_promote else "kept champion")
+                                         "promoted" if promote else "kept champion")
             client.set_model_version_tag(name, version.version, "promotion_reason", reason)
-            after, after_value = _champion(client, name, rule.metric)
-        mlflow.set_tags({
-            "registered_model": name,
-            "registered_version": str(version.version),
-            "promoted": str(decision_promote).lower(),
-            "promotion_reason": reason,
-        })
-        record = {
-            "run_id": run_id,
-            "registered_model": name,
-            "metric": rule.metric,
-            "candidate": {"version": str(version.version), "value": candidate_value},
-            "champion_before": champion_before,
-            "champion_after": _version_summary(after, rule.metric, after_value),
-            "promoted": decision_promote,
-            "reason": reason,
-        }
-        atomic_write_text(out.registration, json.dumps(record, indent=2) + "\n")
+            mlflow.set_tags({
+                "registered_model": name,
+                "registered_version": str(version.version),
+                "promoted": str(promote).lower(),
+                "promotion_reason": reason,
+            })
+            after = version if promote else champion
+            record = {
+                "run_id": run_id,
+                "registered_model": name,
+                "metric": rule.metric,
+                "candidate": {"version": str(version.version), "value": candidate_value},
+                "champion_before": champion_before,
+                "champion_after": _version_summary(
+                    after, rule.metric, candidate_value if promote else champion_value),
+                "promoted": promote,
+                "reason": reason,
+            }
+            out.registration.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(out.registration) as handle:
+                handle.write((json.dumps(record, indent=2) + "\n").encode())
+                if alias is not None:
+                    client.set_registered_model_alias(name, alias, version.version)
     return record
 
 
@@ -170,14 +174,14 @@ def describe(record: dict[str, Any]) -> str:
     metric, candidate = record["metric"], record["candidate"]
     before = record["champion_before"]
     if before and before["version"] == candidate["version"]:
-        return f"version {candidate['version']} is already the champion ({metric} " \
-               f"{candidate['value']:.4f})"
+        return (f"version {candidate['version']} is already the champion "
+                f"({metric} {candidate['value']:.4f})")
     if record["promoted"]:
         vs = f" > champion version {before['version']} {before['value']:.4f}" if before else ""
         return (f"promoted version {candidate['version']} to {CHAMPION} "
                 f"({metric} {candidate['value']:.4f}{vs})")
-    return (f"kept champion version {before['version']} ({metric} {before['value']:.4f}); "
-            f"version {candidate['version']}: {record['reason']}")
+    kept = f"kept champion version {before['version']}" if before else "no champion"
+    return f"{kept}; version {candidate['version']} not promoted: {record['reason']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,13 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
     args = parser.parse_args(argv)
     out = Outputs()
+    tracking.fail_runs_on_sigterm()
     try:
         cfg = config.load(args.params)
         tracking.connect(cfg.mlflow)
         info = tracking.read_run_file(out.run)
         record = run(cfg, out, info["run_id"], info["model_uri"])
-    except (config.ConfigError, tracking.RunFileError, RegistrationError, KeyError) as exc:
-        print(f"register: error: {exc}", file=sys.stderr)
+    except tracking.expected_errors() as exc:
+        print(f"register: error: {tracking.explain(exc)}", file=sys.stderr)
         return 1
     print(f"register: {describe(record)}")
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,22 +24,47 @@ import yaml
 from pipeline import config
 from pipeline.core.files import atomic_write_text
 
-# Before mlflow is imported: no network calls, no progress bars in DVC's logs.
+# Before mlflow is imported (lazily, so a bad config fails in a second, not after 4 s of
+# imports): no network calls, no progress bars in DVC's logs.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-RUN_FILE = "models/run.json"
+# What a commit's code is: a run is "dirty" only if these differ from the commit, not because
+# DVC rewrote its own outputs (dvc.lock, metrics/) during the pipeline.
+SOURCE_PATHS = ("pipeline", "conf", "dvc.yaml", "params.yaml", "pyproject.toml", "uv.lock")
 
 
 class RunFileError(RuntimeError):
     """`models/run.json` is missing or does not name a usable MLflow run."""
 
 
+_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    config.ConfigError, RunFileError, OSError, ValueError, KeyError,
+)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a stage reports as one line instead of a traceback.
+
+    Bad configuration or inputs, a missing run or model file, a disk that refuses a write, and
+    (once MLflow is loaded, the only way one can be raised) an unreachable or broken store.
+    """
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None:
+        return _EXPECTED_ERRORS
+    return (*_EXPECTED_ERRORS, mlflow_exceptions.MlflowException)
+
+
+def explain(exc: BaseException) -> str:
+    """The message of an expected error, with MLflow's own wording where there is one."""
+    message = getattr(exc, "message", None)
+    return f"{type(exc).__name__}: {message}" if isinstance(message, str) else str(exc)
+
+
 def connect(cfg: config.MlflowConfig) -> str:
     """Point MLflow at the configured store ($MLFLOW_TRACKING_URI wins); quiet its INFO logs."""
+    import mlflow
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # uv's virtualenvs have no pip; MLflow warns about it on every logged model.
@@ -66,7 +93,7 @@ def git_commit(root: Path = Path(".")) -> tuple[str, bool]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -99,11 +126,11 @@ def data_version(data: config.DataConfig, root: Path = Path(".")) -> dict[str, s
     return version
 
 
-def write_run_file(run_id: str, path: str | Path = RUN_FILE, **extra: Any) -> None:
+def write_run_file(path: str | Path, run_id: str, **extra: Any) -> None:
     atomic_write_text(path, json.dumps({"run_id": run_id, **extra}, indent=2) + "\n")
 
 
-def read_run_file(path: str | Path = RUN_FILE) -> dict[str, Any]:
+def read_run_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         info = json.loads(path.read_text())
@@ -116,16 +143,33 @@ def read_run_file(path: str | Path = RUN_FILE) -> dict[str, Any]:
 
 
 @contextmanager
-def resume(run_id: str) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the pipeline's run; refuse a failed one so it never reaches the registry."""
+def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
+    """Reopen the pipeline's run; an exception inside marks it FAILED and propagates.
+
+    A FAILED or KILLED run is refused unless `allow_failed`: evaluate may redo its work on one
+    (it rewrites everything it logs), but register never promotes a run that failed.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
-        status = MlflowClient().get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException as exc:
+        status = mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException as exc:
         raise RunFileError(
-            f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}: {exc.message}; "
-            "was the store changed or deleted? Rerun the pipeline with `dvc repro -f train`."
+            f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}: {exc.message}. "
+            "Was the store changed or deleted? Retrain with `dvc repro -f -s train && dvc repro`."
         ) from None
-    if status in ("FAILED", "KILLED"):
-        raise RunFileError(f"MLflow run {run_id} is {status}; rerun with `dvc repro -f train`")
+    if status in ("FAILED", "KILLED") and not allow_failed:
+        raise RunFileError(f"MLflow run {run_id} is {status}: rerun `dvc repro` (evaluate redoes "
+                           "a failed evaluation), or retrain with `dvc repro -f -s train`")
     with mlflow.start_run(run_id=run_id) as run:
         yield run
+
+
+def fail_runs_on_sigterm() -> None:
+    """Turn SIGTERM (systemd, CI cancellation, `timeout`) into SystemExit.
+
+    Python's default SIGTERM handling skips `with` blocks, which would leave the MLflow run
+    RUNNING for ever; as an exception, MLflow's context manager marks it FAILED on the way out.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

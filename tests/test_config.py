@@ -86,3 +86,16 @@ def test_softmax_defaults_match_the_estimator() -> None:
 
     built = models.build(config.validate(PARAMS).model).get_params()
     assert built == SoftmaxRegression().get_params()
+
+
+def test_tracking_uri_precedence_and_dvc_temp_copies(tmp_path, monkeypatch) -> None:
+    mlflow_cfg = config.validate(PARAMS).mlflow
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_cfg.resolved_tracking_uri == "sqlite:///mlflow.db"
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)  # where `dvc exp run --temp` runs the stages
+    assert mlflow_cfg.resolved_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert mlflow_cfg.resolved_tracking_uri == "http://127.0.0.1:5000"

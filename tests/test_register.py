@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from pipeline import config
 from tests.synthetic import REPO_ROOT
@@ -113,7 +114,14 @@ def test_a_failed_run_never_reaches_the_registry(name: str, tmp_path: Path) -> N
     assert MlflowClient().search_registered_models(f"name='{name}'") == []
 
 
-def test_two_registrations_at_once_leave_the_better_champion(name: str, tmp_path: Path) -> None:
+def test_two_registrations_at_once_wait_for_the_lock_and_keep_the_better(
+        name: str, tmp_path: Path) -> None:
+    """Both block while the registry lock is held, register nothing, then resolve correctly."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.register import registry_lock
+
     register(name, *evaluated_run(0.80), tmp_path / "base")
     candidates = [evaluated_run(0.90), evaluated_run(0.85)]
     script = textwrap.dedent("""
@@ -123,18 +131,45 @@ def test_two_registrations_at_once_leave_the_better_champion(name: str, tmp_path
         register(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, name, run_id, uri, str(tmp_path / f"p{i}")],
-            env=env, cwd=tmp_path,
-        )
-        for i, (run_id, uri) in enumerate(candidates)
-    ]
+    client = MlflowClient()
+    with registry_lock(mlflow.get_tracking_uri()):
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, name, run_id, uri, str(tmp_path / f"p{i}")],
+                env=env, cwd=tmp_path,
+            )
+            for i, (run_id, uri) in enumerate(candidates)
+        ]
+        # Both have reopened their runs (RUNNING) just before they ask for the lock.
+        deadline = time.monotonic() + 90
+        while any(client.get_run(run_id).info.status != "RUNNING" for run_id, _ in candidates):
+            assert time.monotonic() < deadline, "the registrations never started"
+            time.sleep(0.2)
+        time.sleep(3)  # without the lock, both would register within this time
+        assert [p.poll() for p in processes] == [None, None]
+        assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.run_id == candidates[0][0]
+    assert len(client.search_model_versions(f"name='{name}'")) == 3
+
+
+def test_sigterm_marks_the_run_failed(store: str, tmp_path: Path) -> None:
+    """systemd, CI cancellation and `timeout` send SIGTERM: no run may stay RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    champion = MlflowClient().get_model_version_by_alias(name, "champion")
-    assert champion.run_id == candidates[0][0]
-    decisions = [yaml.safe_load((tmp_path / f"p{i}" / "models" / "registration.json")
-                                .read_text())["promoted"] for i in range(2)]
-    assert decisions[0] is True  # 0.90 always ends as champion, whichever ran first
+    script = textwrap.dedent("""
+        import time, mlflow
+        from pipeline import tracking
+        tracking.fail_runs_on_sigterm()
+        with mlflow.start_run() as run:
+            print(run.info.run_id, flush=True)
+            time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, text=True)
+    run_id = process.stdout.readline().strip()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"

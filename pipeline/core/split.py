@@ -249,3 +249,30 @@ def format_summary(result: SplitResult, class_names: Sequence[str]) -> str:
             zip(row, widths, strict=True)))
         for row in rows
     )
+
+
+def load_split(split_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X (n, 784) uint8, y (n,) uint8) of one split written by `write_split`."""
+    path = Path(split_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the split stage first (`make data`)")
+    with np.load(path) as arrays:
+        return arrays["X"], arrays["y"]
+
+
+def check_manifest(split_dir: str | Path, val_size: int, seed: int,
+                   md5s: Mapping[str, str]) -> None:
+    """Refuse a split made with other parameters than the ones about to be recorded with it."""
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the split stage first (`make data`)")
+    manifest = json.loads(path.read_text())
+    made = {"val_size": manifest.get("val_size"), "seed": manifest.get("seed"),
+            **{key: entry.get("md5") for key, entry in manifest.get("inputs", {}).items()}}
+    wanted = {"val_size": val_size, "seed": seed, **md5s}
+    differing = [f"{key}: split has {made.get(key)!r}, configuration says {value!r}"
+                 for key, value in wanted.items() if made.get(key) != value]
+    if differing:
+        raise ValueError(
+            f"{path} was made with other data parameters ({'; '.join(differing)}); "
+            "rerun the split stage (`dvc repro split`, or `dvc exp run -S data....`)")
