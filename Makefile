@@ -4,7 +4,9 @@ SHELL := /bin/bash
 
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
-UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+# uv from PATH; otherwise a private copy in .tools/ (a venv, so it also works where the system
+# Python refuses `pip install`, PEP 668).
+UV := $(shell command -v uv 2>/dev/null || echo .tools/uv/bin/uv)
 PYTHON := $(BIN)/python
 PORT ?= 5001
 UI_PORT ?= 5000
@@ -32,8 +34,8 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml uv.lock
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 \
-		|| python3 -m pip install --quiet uv
+	@command -v $(UV) >/dev/null 2>&1 || { python3 -m venv .tools/uv \
+		&& .tools/uv/bin/pip install --quiet uv; }
 	$(UV) sync --frozen
 	@touch $@
 
@@ -63,7 +65,7 @@ predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ub
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }
 	$(PYTHON) -m pipeline.predict $(INPUT) --model "$(MODEL)" $(ARGS)
 
-retrain: params ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
+retrain: setup ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
 	$(PYTHON) -m pipeline.retrain $(RETRAIN_ARGS)
 
 schedule: setup ## Install a cron entry that retrains at EVERY=weekly|daily|hourly|"cron expr"
@@ -92,5 +94,5 @@ bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real dat
 	$(PYTHON) benchmarks/bench_softmax.py
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
-	rm -rf data/raw data/split models metrics plots reports outputs multirun dvc_plots \
-		.pytest_cache .ruff_cache
+	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \
+		multirun dvc_plots .pytest_cache .ruff_cache

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import os
 import shlex
 import subprocess
@@ -43,7 +42,7 @@ from pipeline.core.extra import (
     load_extra,
     validate_extra,
 )
-from pipeline.core.files import temp_path_for
+from pipeline.core.files import md5_bytes, temp_path_for
 from pipeline.retrain import EXTRA_DVC_FILE, RetrainError, child_env, find_repo_root, venv_tool
 
 
@@ -65,10 +64,6 @@ class Plan:
     skipped: list[tuple[Path, Path]] = field(default_factory=list)  # (source, already there)
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
 def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[str, tuple[int, Path]]:
     """MD5 -> (label, path) of the PNGs already in the extra folder."""
     if not extra_dir.is_dir():
@@ -80,7 +75,7 @@ def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[str, t
             continue
         for file in sorted(folder.iterdir()):
             if file.is_file() and not file.name.startswith(".") and file.suffix.lower() == ".png":
-                known.setdefault(_md5(file.read_bytes()), (label, file))
+                known.setdefault(md5_bytes(file.read_bytes()), (label, file))
     return known
 
 

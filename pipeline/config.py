@@ -84,6 +84,8 @@ class DataConfig:
         )
 
 
+# The estimator's vocabularies, repeated so that reading a config does not import scikit-learn
+# (a second of start-up); tests/test_config.py keeps them equal to the estimator's.
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "step")
 SCALINGS = ("standard", "minmax")
@@ -102,7 +104,8 @@ class _PreprocessingFields:
             self.pixel_transform in PIXEL_TRANSFORMS, "model.pixel_transform",
             self.pixel_transform, f"one of {PIXEL_TRANSFORMS}",
         )
-        _require(self.power > 0, "model.power", self.power, "a number > 0")
+        _require(0 < self.power < float("inf"), "model.power", self.power,
+                 "a finite number > 0")
 
 
 @dataclass
@@ -150,7 +153,7 @@ class LogRegConfig(_PreprocessingFields):
         self._check_preprocessing()
         _require(0 < self.C < float("inf"), "model.C", self.C, "a finite number > 0")
         _require(self.max_iter >= 1, "model.max_iter", self.max_iter, "an integer >= 1")
-        _require(self.tol > 0, "model.tol", self.tol, "a number > 0")
+        _require(0 < self.tol < float("inf"), "model.tol", self.tol, "a finite number > 0")
 
 
 MODEL_SCHEMAS: dict[str, type] = {"softmax": SoftmaxConfig, "sklearn_logreg": LogRegConfig}

@@ -12,11 +12,16 @@ Meant to be started by cron, a systemd timer or CI at any time, so a cycle is:
 
 Steps, each a subprocess in the repository root (the directory holding dvc.yaml, found from the
 --params file) with the virtualenv's python and dvc first on PATH:
-1. `dvc pull data.dvc`, only when a DVC remote is configured: labelled images pushed by others.
+1. `python -m pipeline.params`: compose conf/ into params.yaml (rewritten only if it differs),
+   under the lock so that two cycles never write it at once. Skipped, with a log line, in a
+   repository without conf/, whose params.yaml is then used as it is;
+2. `dvc pull data.dvc`, only when a DVC remote is configured: labelled images pushed by others.
    Images put in data/extra by hand and never committed make it fail rather than be deleted;
    `python -m pipeline.add_data` commits them;
-2. `python -m pipeline.download`: re-verify the raw archives, refetch missing or corrupt ones;
-3. `dvc repro`: the whole pipeline, with whatever data/extra holds now.
+3. `python -m pipeline.download`: re-verify the raw archives, refetch missing or corrupt ones;
+4. `dvc repro`: the whole pipeline, with whatever data/extra holds now.
+The steps get FMNIST_MIRROR=../shared/fashion-mnist when it holds archives and the variable is
+unset, as under `make`, since cron and systemd start this module without make.
 The outcome comes from models/registration.json, which the `register` stage writes: unchanged
 bytes mean that no new candidate was evaluated.
 
@@ -47,6 +52,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipeline import config
+from pipeline.download import MIRROR_ENV
+from pipeline.params import CONFIG_DIR
 
 EX_TEMPFAIL = 75
 LOCK_FILE = Path("logs") / "retrain.lock"
@@ -54,6 +61,7 @@ LOG_FILE = Path("logs") / "retrain.log"
 REGISTRATION_FILE = Path("models") / "registration.json"
 DVC_LOCK_FILE = "dvc.lock"
 EXTRA_DVC_FILE = "data.dvc"
+SHARED_MIRROR = Path("..") / "shared" / "fashion-mnist"  # relative to the repository root
 
 
 class RetrainError(Exception):
@@ -97,6 +105,14 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["DO_NOT_TRACK"] = "1"
     env["PYTHONUNBUFFERED"] = "1"  # stage output shows up as it happens, even in a log file
+    return env
+
+
+def with_shared_mirror(env: dict[str, str], root: Path) -> dict[str, str]:
+    """The Makefile's offline-mirror rule, for cycles that cron or systemd start without make."""
+    mirror = root / SHARED_MIRROR
+    if not env.get(MIRROR_ENV) and any(mirror.glob("*.gz")):
+        return {**env, MIRROR_ENV: os.path.abspath(mirror)}
     return env
 
 
@@ -204,6 +220,11 @@ def parse_registration(text: str | bytes) -> Registration:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
+    return registration_from_record(raw)
+
+
+def registration_from_record(raw: Any) -> Registration:
+    """Registration from the record the register stage writes (so it can format its own line)."""
     if not isinstance(raw, dict):
         raise ValueError("expected a JSON object")
     missing = [key for key in ("metric", "candidate", "champion_after", "promoted")
@@ -253,9 +274,10 @@ def describe(registration: Registration, changed: bool) -> Outcome:
         if before is None:
             detail = f"{metric} {_value(candidate.value)}; no previous champion"
         else:
-            # "<" when lower is better (a loss as the promotion metric)
+            # "<" when lower is better (a loss as the promotion metric); "vs" for a NaN
             sign = (">" if candidate.value > before.value
-                    else "<" if candidate.value < before.value else "=")
+                    else "<" if candidate.value < before.value
+                    else "=" if candidate.value == before.value else "vs")
             detail = (f"{metric} {_value(candidate.value)} {sign} champion version "
                       f"{before.version} {_value(before.value)}")
         return Outcome("promoted", f"promoted version {candidate.version} ({detail})")
@@ -292,9 +314,11 @@ class Step:
         return shlex.join(self.argv)
 
 
-def plan(params: Path, pull_extra: bool) -> list[Step]:
+def plan(params: Path, pull_extra: bool, compose: bool = True) -> list[Step]:
     """The commands of a cycle, in order; run from the repository root."""
     steps = []
+    if compose:  # first: every later step reads params.yaml
+        steps.append(Step("params", (sys.executable, "-m", "pipeline.params")))
     if pull_extra:
         steps.append(Step("dvc pull", (venv_tool("dvc"), "pull", EXTRA_DVC_FILE)))
     steps.append(Step("download", (sys.executable, "-m", "pipeline.download",
@@ -306,22 +330,31 @@ def plan(params: Path, pull_extra: bool) -> list[Step]:
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
+def _read_parameters(params: Path) -> config.DataConfig:
+    try:
+        return config.load(params).data
+    except config.ConfigError as exc:
+        raise RetrainError("read parameters", str(exc)) from None
+
+
 def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
     """One cycle under the caller's lock: the steps of `plan`, then the outcome.
 
     Raises RetrainError naming the first step that failed; later steps do not run.
     """
     root, params = Path(root), Path(params).absolute()
-    env = child_env()
-    try:
-        data = config.load(params).data
-    except config.ConfigError as exc:
-        raise RetrainError("read parameters", str(exc)) from None
+    env = with_shared_mirror(child_env(), root)
+    compose = (root / CONFIG_DIR).is_dir()
+    if not compose:
+        log.info(f"no {CONFIG_DIR}/ in {root}: using {params.name} as it is")
     remotes = dvc_remotes(root, env)
     log.info(f"DVC remotes: {', '.join(remotes)}" if remotes
              else "no DVC remote configured: using data/extra as it is")
     before = take_snapshot(root)
-    for step in plan(params, pull_extra=bool(remotes)):
+    data = None
+    for step in plan(params, pull_extra=bool(remotes), compose=compose):
+        if data is None and step.name != "params":  # once composed, before anything reads them
+            data = _read_parameters(params)
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
             (root / data.extra_dir).mkdir(parents=True, exist_ok=True)

@@ -9,17 +9,20 @@ Usage:
 All take [--repo DIR] (default: the directory holding dvc.yaml, at or above the current one).
 
 cron: one line in the current user's crontab runs
-  cd <repo> && mkdir -p logs && make retrain RETRAIN_ARGS=--no-wait >> logs/retrain.log 2>&1
-at minute 17 (off the hour, when many machines run their jobs): weekly is Monday 03:17. `make`
-brings the virtualenv, the composed parameters and the offline mirror, as for a run by hand;
---no-wait makes a run that finds a cycle in progress exit instead of queueing behind it. The line
-ends with the tag `# fashion-mnist-retrain:<repo>`: installing again replaces it, so there is
-never more than one per checkout. The crontab is read and written with `crontab -l` and
-`crontab -`; the environment variable CRONTAB names another command (tests use a fake one).
+  cd <repo> && mkdir -p logs && make -s setup >> logs/retrain.log 2>&1
+    && .venv/bin/python -m pipeline.retrain --no-wait >> logs/retrain.log 2>&1
+at minute 17 (off the hour, when many machines run their jobs): weekly is Monday 03:17.
+`make setup` brings the virtualenv up to date; the cycle itself runs without make, which would
+turn its exit code 75 ("another cycle is running", with --no-wait: exit instead of queueing
+behind it) into 2. The line ends with the tag `# fashion-mnist-retrain:<repo>`: installing again
+replaces it, so there is never more than one per checkout. The crontab is read and written with
+`crontab -l` and `crontab -`; the environment variable CRONTAB names another command (tests use
+a fake one).
 
 systemd: deploy/systemd/fashion-mnist-retrain.{service,timer} rendered into
-~/.config/systemd/user/ (or $XDG_CONFIG_HOME/systemd/user) with the repository path filled in;
-the systemctl commands that enable the timer are printed, not run.
+~/.config/systemd/user/ (or $XDG_CONFIG_HOME/systemd/user) with the paths filled in (the same
+two commands as cron, 75 counting as success); the systemctl commands that enable the timer are
+printed, not run.
 
 Exit codes: 0 done, 1 error (the message says why and what to do).
 """
@@ -48,6 +51,7 @@ PRESETS = {  # cron expression, systemd OnCalendar
 }
 DEFAULT_EVERY = "weekly"
 UNIT_NAME = "fashion-mnist-retrain"
+VENV_PYTHON = Path(".venv") / "bin" / "python"  # the Makefile's virtualenv, from the repo root
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 
 _MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
@@ -181,9 +185,10 @@ def cron_line(repo: Path, schedule: str, make: str) -> str:
     """The crontab line that runs one cycle in `repo`, tagged with the repository path."""
     if "\n" in str(repo):
         raise ScheduleError(f"{repo!r}: a path with a newline cannot go in a crontab")
+    log = f">> {LOG_FILE} 2>&1"
     command = (
-        f"cd {shlex.quote(str(repo))} && mkdir -p logs && {shlex.quote(make)} retrain "
-        f"RETRAIN_ARGS=--no-wait >> {LOG_FILE} 2>&1"
+        f"cd {shlex.quote(str(repo))} && mkdir -p logs && {shlex.quote(make)} -s setup {log} "
+        f"&& {VENV_PYTHON} -m pipeline.retrain --no-wait {log}"
     )
     return f"{schedule} {_cron_escape(command)} {tag_for(repo)}"
 
@@ -274,14 +279,24 @@ def on_calendar(every: str | None, spec: str | None) -> str | None:
     return PRESETS[every][1]
 
 
+def _exec_word(path: str) -> str:
+    """`path` as the command word of an Exec*= line (where `$` is literal): quoted if need be."""
+    word = path.replace("%", "%%")
+    if any(char.isspace() or char in "\"'\\;" for char in word):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
 def render_service(template: str, repo: Path, make: str) -> str:
     """The service with the placeholders filled in; comments are left as written."""
-    values = {"@REPO@": str(repo).replace("%", "%%"), "@MAKE@": make.replace("%", "%%")}
+    values = {"@REPO@": str(repo).replace("%", "%%"), "@MAKE@": _exec_word(make),
+              "@PYTHON@": _exec_word(str(repo / VENV_PYTHON)),
+              "@DOC_URL@": (repo / "pipeline" / "retrain.py").as_uri().replace("%", "%%")}
+    pattern = re.compile("|".join(map(re.escape, values)))
     lines = []
     for line in template.splitlines():
         if not line.lstrip().startswith("#"):
-            for placeholder, value in values.items():
-                line = line.replace(placeholder, value)
+            line = pattern.sub(lambda match: values[match.group(0)], line)
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -359,7 +374,8 @@ def show(repo: Path, dest: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.schedule",
-        description="Schedule the retraining cycle (make retrain) with cron or a systemd timer.",
+        description="Schedule the retraining cycle (pipeline.retrain) with cron or a systemd "
+                    "timer.",
         epilog=f"{CRONTAB_ENV}: the crontab command to use (default: crontab). "
                "Exit codes: 0 done, 1 error.",
     )

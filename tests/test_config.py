@@ -99,3 +99,17 @@ def test_tracking_uri_precedence_and_dvc_temp_copies(tmp_path, monkeypatch) -> N
     assert mlflow_cfg.resolved_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert mlflow_cfg.resolved_tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_schema_vocabularies_are_the_estimators() -> None:
+    from pipeline.core import estimator, preprocessing
+
+    assert set(config.OPTIMIZERS) == set(estimator.OPTIMIZERS)
+    assert set(config.LR_SCHEDULES) == set(estimator.LR_SCHEDULES)
+    assert set(config.SCALINGS) == set(preprocessing.SCALINGS)
+    assert set(config.PIXEL_TRANSFORMS) == set(preprocessing.TRANSFORMS)
+
+
+def test_infinite_power_is_refused_by_the_schema() -> None:
+    with pytest.raises(config.ConfigError, match="model.power=inf"):
+        config.validate(with_change("model.power", float("inf")))

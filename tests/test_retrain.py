@@ -2,8 +2,9 @@
 
 The repository is a stand-in for this one: the real download stage, then a `register` stage that
 plays train + evaluate + register against a JSON "registry" (the candidate's accuracy is read from
-candidate.txt, so a test decides whether it beats the champion). The real pipeline with MLflow is
-tested end to end elsewhere.
+candidate.txt, so a test decides whether it beats the champion). It has no conf/ (so its
+params.yaml is used as written) unless a test adds one. The real pipeline with MLflow is tested
+end to end elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline import params as params_module
 from pipeline import retrain
 from tests.conftest import Archives
 from tests.synthetic import REPO_ROOT, data_params, write_extra_folder, write_params
@@ -109,6 +112,10 @@ def _registration(candidate=("3", 0.8512), before=("2", 0.85), after=("3", 0.851
      "kept champion version 3 (test_accuracy 0.8512; the candidate is that same version)"),
     (_registration(candidate=("4", 0.31), before=("2", 0.35), after=("4", 0.31)), True,
      "promoted", "promoted version 4 (test_accuracy 0.3100 < champion version 2 0.3500)"),
+    (_registration(before=("2", float("nan"))), True, "promoted",  # a champion without metric
+     "promoted version 3 (test_accuracy 0.8512 vs champion version 2 nan)"),
+    (_registration(candidate=("1", float("nan")), before=None, after=None, promoted=False), True,
+     "kept", "no champion: candidate version 1 not promoted (test_accuracy nan)"),
 ])
 def test_outcome_lines(registration: retrain.Registration, changed: bool, kind: str,
                        line: str) -> None:
@@ -128,6 +135,16 @@ def test_registration_file_of_the_documented_schema() -> None:
         _registration(), reason="test_accuracy 0.8512 beats champion 0.8500 by +0.0012")
     first = json.loads(text) | {"champion_before": None}
     assert retrain.parse_registration(json.dumps(first)).champion_before is None
+
+
+def test_the_register_stage_record_formats_without_a_file() -> None:
+    """register.py can print the same line from the dict it writes to registration.json."""
+    record = {"metric": "test_accuracy", "candidate": {"version": "1", "value": float("nan")},
+              "champion_before": None, "champion_after": None, "promoted": False,
+              "reason": "candidate test_accuracy is not finite"}
+    outcome = retrain.describe(retrain.registration_from_record(record), changed=True)
+    assert outcome.line == ("no champion: candidate version 1 not promoted "
+                            "(candidate test_accuracy is not finite)")
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -171,21 +188,39 @@ def test_retrain_never_talks_to_the_registry() -> None:
     assert "mlflow" not in imported
 
 
-def test_steps_pull_the_extra_images_only_with_a_remote(tmp_path: Path) -> None:
+def test_steps_compose_first_and_pull_the_extra_images_only_with_a_remote(
+    tmp_path: Path
+) -> None:
     params = tmp_path / "params.yaml"
     names = [step.name for step in retrain.plan(params, pull_extra=False)]
-    assert names == ["download", "dvc repro"]
+    assert names == ["params", "download", "dvc repro"]
     steps = retrain.plan(params, pull_extra=True)
-    assert [step.name for step in steps] == ["dvc pull", "download", "dvc repro"]
-    assert steps[0].argv[1:] == ("pull", "data.dvc")
-    assert steps[1].argv == (sys.executable, "-m", "pipeline.download", "--params", str(params))
-    assert Path(steps[2].argv[0]).parent == Path(sys.executable).parent
+    assert [step.name for step in steps] == ["params", "dvc pull", "download", "dvc repro"]
+    assert steps[0].argv == (sys.executable, "-m", "pipeline.params")
+    assert steps[1].argv[1:] == ("pull", "data.dvc")
+    assert steps[2].argv == (sys.executable, "-m", "pipeline.download", "--params", str(params))
+    assert Path(steps[3].argv[0]).parent == Path(sys.executable).parent
+    names = [step.name for step in retrain.plan(params, pull_extra=False, compose=False)]
+    assert names == ["download", "dvc repro"]
 
 
 def test_child_environment_puts_the_virtualenv_first() -> None:
     env = retrain.child_env({"PATH": "/usr/bin:/bin", "HOME": "/root"})
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true" and env["HOME"] == "/root"
+
+
+def test_shared_mirror_next_to_the_checkout_is_used_as_make_does(tmp_path: Path) -> None:
+    root, shared = tmp_path / "main", tmp_path / "shared" / "fashion-mnist"
+    root.mkdir()
+    shared.mkdir(parents=True)
+    assert retrain.with_shared_mirror({}, root) == {}  # no archives there
+    (shared / "train-labels-idx1-ubyte.gz").write_bytes(b"")
+    assert retrain.with_shared_mirror({}, root) == {"FMNIST_MIRROR": str(shared)}
+    assert retrain.with_shared_mirror({"FMNIST_MIRROR": ""}, root) == {
+        "FMNIST_MIRROR": str(shared)}
+    assert retrain.with_shared_mirror({"FMNIST_MIRROR": "/elsewhere"}, root) == {
+        "FMNIST_MIRROR": "/elsewhere"}
 
 
 # --- The lock -------------------------------------------------------------------------------
@@ -246,6 +281,8 @@ def test_no_wait_exits_75_without_running_anything(
     tmp_path: Path, lock_holder, capsys: pytest.CaptureFixture
 ) -> None:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "conf").mkdir()  # composing params.yaml is part of the locked cycle
+    (tmp_path / "conf" / "config.yaml").write_text("data: {}\n")
     lock_holder(tmp_path / retrain.LOCK_FILE)
 
     code = retrain.main(["--params", str(tmp_path / "params.yaml"), "--no-wait"])
@@ -256,6 +293,7 @@ def test_no_wait_exits_75_without_running_anything(
     assert "start" not in out
     log = (tmp_path / retrain.LOG_FILE).read_text().splitlines()
     assert len(log) == 1 and STAMPED.match(log[0]) and "not waiting" in log[0]
+    assert not (tmp_path / "params.yaml").exists()
 
 
 # --- Whole cycles ---------------------------------------------------------------------------
@@ -322,6 +360,8 @@ def test_first_cycle_promotes_and_logs_each_step(first_cycle: FirstCycle) -> Non
     assert all(STAMPED.match(line) for line in log)
     messages = [STAMPED.sub("", line) for line in log]
     assert messages[0].startswith("start: cycle in")
+    assert f"no conf/ in {root}: using params.yaml as it is" in messages  # a stand-in
+    assert not any(m.startswith("step params") for m in messages)
     assert "no DVC remote configured: using data/extra as it is" in messages
     assert any(m.startswith("step download: ") for m in messages)
     assert any(m.startswith("step dvc repro: done in") for m in messages)
@@ -346,6 +386,45 @@ def test_cycle_with_nothing_new_changes_nothing_logged_as_cron_does(trained: Pat
     assert [line for line in new if "outcome:" in line] == [own[-1]]  # once, timestamped
     assert own[-1].endswith("outcome: nothing changed (champion version 1, test_accuracy 0.8000)")
     assert not any(line.startswith("retrain: ") for line in new)
+
+
+def _conf_from_params(root: Path, **download: float) -> dict:
+    """A conf/ that composes to the repository's params.yaml with these `data.download` values."""
+    composed = yaml.safe_load((root / "params.yaml").read_text())
+    composed["data"]["download"].update(download)
+    (root / "conf").mkdir()
+    (root / "conf" / "config.yaml").write_text(yaml.safe_dump(composed, sort_keys=False))
+    return composed
+
+
+def test_cycle_composes_conf_into_params_before_the_other_steps(
+    trained: Path, capfd: pytest.CaptureFixture
+) -> None:
+    composed = _conf_from_params(trained, retries=2)
+
+    code, out, err = _cycle(trained, capfd)
+
+    assert code == 0, err
+    assert yaml.safe_load((trained / "params.yaml").read_text()) == composed
+    assert (trained / "params.yaml").read_text() == params_module.compose(trained)
+    assert "params: wrote params.yaml from conf/" in out
+    steps = [line for line in out.splitlines() if re.match(r"retrain: step \S+: ", line)]
+    assert steps[0].startswith("retrain: step params: ")
+    assert out.splitlines()[-1].startswith("nothing changed (champion version 1")
+
+
+def test_conf_that_composes_to_invalid_parameters_fails_the_cycle_first(
+    trained: Path, capfd: pytest.CaptureFixture
+) -> None:
+    _conf_from_params(trained, retries=-1)
+    before = (trained / "params.yaml").read_bytes(), _state(trained)
+
+    code, out, err = _cycle(trained, capfd)
+
+    assert code == 1
+    assert "step 'params' failed" in err and "invalid configuration" in err
+    assert "step download" not in out
+    assert ((trained / "params.yaml").read_bytes(), _state(trained)) == before
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ images added while three cycles start at once, then cycles that fail half-way.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import retrain
 from tests.repo_copy import MODEL_NAME, Repo, make_repo
@@ -195,14 +195,16 @@ def test_concurrent_cycles_wait_or_exit_75_and_leave_one_champion(
 def test_training_that_fails_half_way_leaves_the_champion(repo: Repo) -> None:
     """Download and split succeed; training diverges. The run is FAILED, nothing registered."""
     before = registry(repo)
-    params = repo.params()
-    shutil.copyfile(repo.root / "params.yaml", repo.root / "params.yaml.good")
-    params["model"].update(optimizer="sgd", lr=1e300, lr_schedule="constant")
-    repo.write_params(params)
+    conf = repo.root / "conf" / "model" / "softmax.yaml"
+    good = conf.read_text()
+    bad = yaml.safe_load(good)
+    bad.update(optimizer="sgd", lr=1e300, lr_schedule="constant")
+    conf.write_text(yaml.safe_dump(bad))  # a cycle composes conf/ into params.yaml first
     try:
         result = cycle(repo)
     finally:
-        shutil.move(repo.root / "params.yaml.good", repo.root / "params.yaml")
+        conf.write_text(good)
+        repo.run(sys.executable, "-m", "pipeline.params")
 
     assert result.returncode == 1
     assert "training diverged" in result.stdout + result.stderr

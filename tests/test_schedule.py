@@ -114,7 +114,8 @@ def test_install_into_an_empty_crontab(repo: Path, crontab: Path,
     [line] = crontab.read_text().splitlines()
     assert crontab.read_text().endswith("\n")
     assert line.startswith("17 3 * * 1 cd ")
-    assert "make retrain RETRAIN_ARGS=--no-wait >> logs/retrain.log 2>&1 " in line
+    assert (" -s setup >> logs/retrain.log 2>&1 && .venv/bin/python -m pipeline.retrain "
+            "--no-wait >> logs/retrain.log 2>&1 ") in line
     assert line == _ours(crontab, repo)[0]
     assert "installed the cron entry (17 3 * * 1)" in out
     assert (repo / "logs").is_dir()
@@ -214,11 +215,29 @@ def test_a_failing_crontab_is_reported(
     assert code == 1 and "`crontab -l` failed" in err and "not allowed" in err
 
 
-def test_the_installed_command_runs_make_retrain_as_cron_would(
-    repo: Path, crontab: Path, capsys: pytest.CaptureFixture
+FAKE_PYTHON = """\
+#!/bin/sh
+echo "cycle run with [$*]"
+exit "$(cat cycle-exit-code)"
+"""
+
+
+@pytest.mark.parametrize(("setup_code", "cycle_code", "log"), [
+    (0, 0, "setup\ncycle run with [-m pipeline.retrain --no-wait]\n"),
+    (0, 75, "setup\ncycle run with [-m pipeline.retrain --no-wait]\n"),  # not make's 2
+    (1, 0, "setup\n"),  # no cycle without an up-to-date virtualenv
+])
+def test_the_installed_command_runs_setup_then_the_cycle_as_cron_would(
+    repo: Path, crontab: Path, capsys: pytest.CaptureFixture, setup_code: int, cycle_code: int,
+    log: str
 ) -> None:
     """Cron runs the line's command with /bin/sh, a bare PATH, from $HOME, with % unescaped."""
-    (repo / "Makefile").write_text("retrain:\n\t@echo \"retrain run with [$(RETRAIN_ARGS)]\"\n")
+    (repo / "Makefile").write_text(f"setup:\n\t@echo setup; exit {setup_code}\n")
+    python = repo / schedule.VENV_PYTHON
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    (repo / "cycle-exit-code").write_text(f"{cycle_code}\n")
     shutil.rmtree(repo / "logs", ignore_errors=True)
     assert _schedule(capsys, "install", "--repo", str(repo))[0] == 0
     line = _ours(crontab, repo)[0]
@@ -228,8 +247,9 @@ def test_the_installed_command_runs_make_retrain_as_cron_would(
                             env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
                             capture_output=True, text=True)
 
-    assert result.returncode == 0, result.stderr
-    assert (repo / "logs" / "retrain.log").read_text() == "retrain run with [--no-wait]\n"
+    assert result.returncode == (cycle_code if setup_code == 0 else 2), result.stderr
+    assert (repo / "logs" / "retrain.log").read_text().replace(
+        "make: *** [Makefile:2: setup] Error 1\n", "") == log
 
 
 # --- systemd --------------------------------------------------------------------------------
@@ -247,7 +267,9 @@ def test_unit_templates_have_what_systemd_needs() -> None:
     service = _units(schedule.TEMPLATE_DIR / "fashion-mnist-retrain.service")
     assert service["Service"]["Type"] == "oneshot"
     assert service["Service"]["WorkingDirectory"] == "@REPO@"
-    assert service["Service"]["ExecStart"] == "@MAKE@ retrain RETRAIN_ARGS=--no-wait"
+    assert service["Service"]["ExecStartPre"] == "@MAKE@ -s setup"
+    assert service["Service"]["ExecStart"] == "@PYTHON@ -m pipeline.retrain --no-wait"
+    assert service["Service"]["SuccessExitStatus"] == "75"  # a cycle skipped by --no-wait
     assert service["Unit"]["Description"]
     timer = _units(schedule.TEMPLATE_DIR / "fashion-mnist-retrain.timer")
     assert timer["Timer"]["OnCalendar"] == schedule.PRESETS["weekly"][1]
@@ -266,14 +288,36 @@ def test_install_systemd_renders_the_units(
     assert code == 0, err
     service = _units(dest / "fashion-mnist-retrain.service")
     assert service["Service"]["WorkingDirectory"] == str(repo.resolve())
-    make = service["Service"]["ExecStart"].split()[0]
+    make = service["Service"]["ExecStartPre"].split()[0]
     assert Path(make).is_absolute() and os.access(make, os.X_OK)
+    assert service["Service"]["ExecStart"] == (
+        f"{repo.resolve()}/.venv/bin/python -m pipeline.retrain --no-wait")
     assert "@" not in "".join(line for line in (dest / "fashion-mnist-retrain.service")
                               .read_text().splitlines() if not line.startswith("#"))
     timer = _units(dest / "fashion-mnist-retrain.timer")
     assert timer["Timer"]["OnCalendar"] == "Mon *-*-* 03:17:00"
     assert ("systemctl --user daemon-reload && systemctl --user enable --now "
             "fashion-mnist-retrain.timer") in out
+
+
+@pytest.mark.parametrize(("name", "word"), [
+    ("plain", "{repo}/.venv/bin/python"),
+    ("with space", '"{repo}/.venv/bin/python"'),
+    ("100% $HOME", '"{repo}/.venv/bin/python"'),
+    ('say "hi"', '"{repo}/.venv/bin/python"'),
+])
+def test_install_systemd_quotes_the_paths_it_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str, word: str
+) -> None:
+    repo = tmp_path / name
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text("stages: {}\n")
+    dest = tmp_path / "units"
+    assert _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest))[0] == 0
+    service = _units(dest / "fashion-mnist-retrain.service")["Service"]
+    escaped = str(repo.resolve()).replace("%", "%%").replace('"', '\\"')
+    assert service["ExecStart"] == word.format(repo=escaped) + " -m pipeline.retrain --no-wait"
+    assert service["WorkingDirectory"] == str(repo.resolve()).replace("%", "%%")
 
 
 @pytest.mark.parametrize(("args", "calendar"), [
@@ -291,12 +335,19 @@ def test_install_systemd_with_another_schedule(
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+@pytest.mark.parametrize("name", ["checkout", "check out 100% $HOME"])
 def test_systemd_accepts_the_rendered_units(
-    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
 ) -> None:
     for _, calendar in schedule.PRESETS.values():
         subprocess.run(["systemd-analyze", "calendar", calendar], check=True,
                        capture_output=True)
+    repo = tmp_path / name
+    python = repo / schedule.VENV_PYTHON  # verify checks that the commands are executables
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    (repo / "dvc.yaml").write_text("stages: {}\n")
     dest = tmp_path / "units"
     assert _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest))[0] == 0
     result = subprocess.run(
