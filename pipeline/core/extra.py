@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SIZE = (28, 28)  # width, height
 IMAGE_MODE = "L"
@@ -144,6 +144,9 @@ def decode_png(data: bytes) -> np.ndarray:
                 array = np.asarray(image, dtype=np.uint8).copy()
         except ValueError:
             raise
+        except UnidentifiedImageError:
+            message = "unreadable image: not a PNG, nor any image format Pillow knows"
+            raise ValueError(message) from None
         except _DECODE_ERRORS as exc:
             raise ValueError(f"unreadable image: {exc}") from None
     return array
