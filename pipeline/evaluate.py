@@ -8,7 +8,6 @@ figures and tables under reports/; logs all of them to the pipeline's MLflow run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -98,22 +97,10 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
-                                     description="Score the trained model on test and validation.")
-    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
-    args = parser.parse_args(argv)
-    out = Outputs()
-    tracking.fail_runs_on_sigterm()
-    try:
-        cfg = config.load(args.params)
-        tracking.connect(cfg.mlflow)
-        run_id = tracking.read_run_file(out.run)["run_id"]
-        results = run(cfg, out, run_id)
-    except tracking.expected_errors() as exc:
-        print(f"evaluate: error: {tracking.explain(exc)}", file=sys.stderr)
-        return 1
-    print(format_results(results))
-    return 0
+    return tracking.resuming_stage_main(
+        "evaluate", "Score the trained model on test and validation.", argv,
+        lambda cfg, out, run_file: format_results(run(cfg, out, run_file["run_id"])),
+    )
 
 
 if __name__ == "__main__":

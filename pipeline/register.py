@@ -15,7 +15,6 @@ small but not closed.)
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -185,22 +184,11 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.register",
-                                     description="Register the model; promote it if better.")
-    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
-    args = parser.parse_args(argv)
-    out = Outputs()
-    tracking.fail_runs_on_sigterm()
-    try:
-        cfg = config.load(args.params)
-        tracking.connect(cfg.mlflow)
-        info = tracking.read_run_file(out.run)
-        record = run(cfg, out, info["run_id"], info["model_uri"])
-    except tracking.expected_errors() as exc:
-        print(f"register: error: {tracking.explain(exc)}", file=sys.stderr)
-        return 1
-    print(f"register: {describe(record)}")
-    return 0
+    def register(cfg: config.Config, out: Outputs, run_file: dict[str, Any]) -> str:
+        return f"register: {describe(run(cfg, out, run_file['run_id'], run_file['model_uri']))}"
+
+    return tracking.resuming_stage_main(
+        "register", "Register the model; promote it if better.", argv, register)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ resume that run, so one pipeline execution is one row in the MLflow UI. Any exce
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import yaml
 
 from pipeline import config
 from pipeline.core.files import atomic_write_text
+from pipeline.outputs import Outputs
 
 # Before mlflow is imported (lazily, so a bad config fails in a second, not after 4 s of
 # imports): no network calls, no progress bars in DVC's logs.
@@ -173,3 +175,28 @@ def fail_runs_on_sigterm() -> None:
     RUNNING for ever; as an exception, MLflow's context manager marks it FAILED on the way out.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def resuming_stage_main(
+    name: str, description: str, argv: Sequence[str] | None,
+    body: Callable[[config.Config, Outputs, dict[str, Any]], str],
+) -> int:
+    """The command line of a stage that resumes the train stage's run (evaluate, register).
+
+    `body(cfg, out, run_file)` does the work and returns the line to print; expected errors
+    become one `name: error: ...` line and exit code 1.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=description)
+    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
+    args = parser.parse_args(argv)
+    fail_runs_on_sigterm()
+    out = Outputs()
+    try:
+        cfg = config.load(args.params)
+        connect(cfg.mlflow)
+        message = body(cfg, out, read_run_file(out.run))
+    except expected_errors() as exc:
+        print(f"{name}: error: {explain(exc)}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
