@@ -34,7 +34,6 @@ def record_split(
     class_names: list[str], out: Outputs,
 ) -> None:
     """Files for DVC and people, and the same figures and tables in the MLflow run."""
-    import mlflow
 
     y_pred = proba.argmax(axis=1)
     names = np.asarray(class_names)
@@ -48,9 +47,8 @@ def record_split(
         f"per_class_{split}.csv": evaluation.per_class,
         f"top_confusions_{split}.csv": evaluation.top_confusions,
     }
-    for name, table in tables.items():
+    for name, table in tables.items():  # logged with the figures by `run`, as CSV files
         _write_csv(table, out.evaluation / name)
-        mlflow.log_table(table, artifact_file=f"evaluation/{Path(name).stem}.json")
 
     drawings = {
         f"confusion_{split}.png": lambda: figures.confusion_matrix_figure(

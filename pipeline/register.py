@@ -29,6 +29,7 @@ from pipeline import config, tracking
 from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
 from pipeline.outputs import Outputs
+from pipeline.registration import describe, registration_from_record
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -169,23 +170,10 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
     return record
 
 
-def describe(record: dict[str, Any]) -> str:
-    metric, candidate = record["metric"], record["candidate"]
-    before = record["champion_before"]
-    if before and before["version"] == candidate["version"]:
-        return (f"version {candidate['version']} is already the champion "
-                f"({metric} {candidate['value']:.4f})")
-    if record["promoted"]:
-        vs = f" > champion version {before['version']} {before['value']:.4f}" if before else ""
-        return (f"promoted version {candidate['version']} to {CHAMPION} "
-                f"({metric} {candidate['value']:.4f}{vs})")
-    kept = f"kept champion version {before['version']}" if before else "no champion"
-    return f"{kept}; version {candidate['version']} not promoted: {record['reason']}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     def register(cfg: config.Config, out: Outputs, run_file: dict[str, Any]) -> str:
-        return f"register: {describe(run(cfg, out, run_file['run_id'], run_file['model_uri']))}"
+        record = run(cfg, out, run_file["run_id"], run_file["model_uri"])
+        return f"register: {describe(registration_from_record(record), changed=True)}"
 
     return tracking.resuming_stage_main(
         "register", "Register the model; promote it if better.", argv, register)

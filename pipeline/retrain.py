@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import shlex
 import shutil
@@ -49,16 +48,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from pipeline import config
 from pipeline.download import MIRROR_ENV
+from pipeline.outputs import Outputs
 from pipeline.params import CONFIG_DIR
+from pipeline.registration import (  # noqa: F401 - part of this module's interface
+    ModelVersion,
+    Outcome,
+    Registration,
+    describe,
+    parse_registration,
+    registration_from_record,
+)
 
 EX_TEMPFAIL = 75
 LOCK_FILE = Path("logs") / "retrain.lock"
 LOG_FILE = Path("logs") / "retrain.log"
-REGISTRATION_FILE = Path("models") / "registration.json"
+REGISTRATION_FILE = Outputs().registration
 DVC_LOCK_FILE = "dvc.lock"
 EXTRA_DVC_FILE = "data.dvc"
 SHARED_MIRROR = Path("..") / "shared" / "fashion-mnist"  # relative to the repository root
@@ -185,108 +193,6 @@ def _read_or_none(path: Path) -> bytes | None:
 
 def take_snapshot(root: Path) -> Snapshot:
     return Snapshot(_read_or_none(root / DVC_LOCK_FILE), _read_or_none(root / REGISTRATION_FILE))
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    version: str
-    value: float
-
-
-@dataclass(frozen=True)
-class Registration:
-    """models/registration.json, as the register stage writes it."""
-
-    metric: str
-    candidate: ModelVersion | None
-    champion_before: ModelVersion | None
-    champion_after: ModelVersion | None
-    promoted: bool
-    reason: str
-
-
-def _model_version(raw: Any, key: str) -> ModelVersion | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or "version" not in raw or "value" not in raw:
-        raise ValueError(f"{key} must be null or an object with 'version' and 'value'")
-    value = raw["value"]
-    return ModelVersion(str(raw["version"]), float("nan") if value is None else float(value))
-
-
-def parse_registration(text: str | bytes) -> Registration:
-    """Registration from the file's text; ValueError says which part does not fit the schema."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
-    return registration_from_record(raw)
-
-
-def registration_from_record(raw: Any) -> Registration:
-    """Registration from the record the register stage writes (so it can format its own line)."""
-    if not isinstance(raw, dict):
-        raise ValueError("expected a JSON object")
-    missing = [key for key in ("metric", "candidate", "champion_after", "promoted")
-               if key not in raw]
-    if missing:
-        raise ValueError(f"missing keys: {', '.join(missing)}")
-    return Registration(
-        metric=str(raw["metric"]),
-        candidate=_model_version(raw["candidate"], "candidate"),
-        champion_before=_model_version(raw.get("champion_before"), "champion_before"),
-        champion_after=_model_version(raw["champion_after"], "champion_after"),
-        promoted=bool(raw["promoted"]),
-        reason=str(raw.get("reason", "")),
-    )
-
-
-@dataclass(frozen=True)
-class Outcome:
-    kind: str  # "promoted", "kept" or "unchanged"
-    line: str
-
-    def __str__(self) -> str:
-        return self.line
-
-
-def _value(value: float) -> str:
-    return f"{value:.4f}"
-
-
-def describe(registration: Registration, changed: bool) -> Outcome:
-    """The one line a cycle ends with; `changed`: this cycle wrote the registration."""
-    metric = registration.metric
-    champion, candidate = registration.champion_after, registration.candidate
-    if not changed:
-        if champion is None:
-            return Outcome("unchanged", "nothing changed (no champion yet)")
-        return Outcome("unchanged", f"nothing changed (champion version {champion.version}, "
-                                    f"{metric} {_value(champion.value)})")
-    if candidate is None:
-        raise ValueError("a new registration without a candidate")
-    before = registration.champion_before
-    if registration.promoted and before is not None and before.version == candidate.version:
-        # The register stage ran again for the run that is already the champion.
-        return Outcome("kept", f"kept champion version {candidate.version} ({metric} "
-                               f"{_value(candidate.value)}; the candidate is that same version)")
-    if registration.promoted:
-        if before is None:
-            detail = f"{metric} {_value(candidate.value)}; no previous champion"
-        else:
-            # "<" when lower is better (a loss as the promotion metric); "vs" for a NaN
-            sign = (">" if candidate.value > before.value
-                    else "<" if candidate.value < before.value
-                    else "=" if candidate.value == before.value else "vs")
-            detail = (f"{metric} {_value(candidate.value)} {sign} champion version "
-                      f"{before.version} {_value(before.value)}")
-        return Outcome("promoted", f"promoted version {candidate.version} ({detail})")
-    if champion is None:
-        return Outcome("kept", f"no champion: candidate version {candidate.version} not promoted "
-                               f"({registration.reason or metric + ' ' + _value(candidate.value)})")
-    return Outcome("kept", f"kept champion version {champion.version} ({metric} "
-                           f"{_value(champion.value)}; candidate version {candidate.version} "
-                           f"{_value(candidate.value)})")
 
 
 def outcome_of(root: Path, before: Snapshot, after: Snapshot) -> Outcome:

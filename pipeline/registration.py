@@ -1,0 +1,113 @@
+"""The record the register stage writes (models/registration.json) and its one-line summary.
+
+Shared by the register stage, which prints the line, and the retrain job, which reads the file
+after `dvc repro`; it imports neither, so neither drags the other's dependencies in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Registration:
+    """models/registration.json, as the register stage writes it."""
+
+    metric: str
+    candidate: ModelVersion | None
+    champion_before: ModelVersion | None
+    champion_after: ModelVersion | None
+    promoted: bool
+    reason: str
+
+
+def _model_version(raw: Any, key: str) -> ModelVersion | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "version" not in raw or "value" not in raw:
+        raise ValueError(f"{key} must be null or an object with 'version' and 'value'")
+    value = raw["value"]
+    return ModelVersion(str(raw["version"]), float("nan") if value is None else float(value))
+
+
+def parse_registration(text: str | bytes) -> Registration:
+    """Registration from the file's text; ValueError says which part does not fit the schema."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    return registration_from_record(raw)
+
+
+def registration_from_record(raw: Any) -> Registration:
+    """Registration from the record the register stage writes (so it can format its own line)."""
+    if not isinstance(raw, dict):
+        raise ValueError("expected a JSON object")
+    missing = [key for key in ("metric", "candidate", "champion_after", "promoted")
+               if key not in raw]
+    if missing:
+        raise ValueError(f"missing keys: {', '.join(missing)}")
+    return Registration(
+        metric=str(raw["metric"]),
+        candidate=_model_version(raw["candidate"], "candidate"),
+        champion_before=_model_version(raw.get("champion_before"), "champion_before"),
+        champion_after=_model_version(raw["champion_after"], "champion_after"),
+        promoted=bool(raw["promoted"]),
+        reason=str(raw.get("reason", "")),
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "promoted", "kept" or "unchanged"
+    line: str
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _value(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def describe(registration: Registration, changed: bool) -> Outcome:
+    """The one line a cycle ends with; `changed`: this cycle wrote the registration."""
+    metric = registration.metric
+    champion, candidate = registration.champion_after, registration.candidate
+    if not changed:
+        if champion is None:
+            return Outcome("unchanged", "nothing changed (no champion yet)")
+        return Outcome("unchanged", f"nothing changed (champion version {champion.version}, "
+                                    f"{metric} {_value(champion.value)})")
+    if candidate is None:
+        raise ValueError("a new registration without a candidate")
+    before = registration.champion_before
+    if registration.promoted and before is not None and before.version == candidate.version:
+        # The register stage ran again for the run that is already the champion.
+        return Outcome("kept", f"kept champion version {candidate.version} ({metric} "
+                               f"{_value(candidate.value)}; the candidate is that same version)")
+    if registration.promoted:
+        if before is None:
+            detail = f"{metric} {_value(candidate.value)}; no previous champion"
+        else:
+            # "<" when lower is better (a loss as the promotion metric); "vs" for a NaN
+            sign = (">" if candidate.value > before.value
+                    else "<" if candidate.value < before.value
+                    else "=" if candidate.value == before.value else "vs")
+            detail = (f"{metric} {_value(candidate.value)} {sign} champion version "
+                      f"{before.version} {_value(before.value)}")
+        return Outcome("promoted", f"promoted version {candidate.version} ({detail})")
+    if champion is None:
+        return Outcome("kept", f"no champion: candidate version {candidate.version} not promoted "
+                               f"({registration.reason or metric + ' ' + _value(candidate.value)})")
+    return Outcome("kept", f"kept champion version {champion.version} ({metric} "
+                           f"{_value(champion.value)}; candidate version {candidate.version} "
+                           f"{_value(candidate.value)})")
