@@ -12,20 +12,12 @@ PORT ?= 5001
 UI_PORT ?= 5000
 EVERY ?= weekly
 RETRAIN_ARGS ?=
-MODEL ?= models:/fashion-mnist-softmax@champion
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
 export PATH := $(BIN):$(PATH)
 export UV_COMPILE_BYTECODE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
-
-# Offline machines keep a copy of the archives in ../shared/fashion-mnist: use it as the first mirror.
-ifeq ($(strip $(FMNIST_MIRROR)),)
-  ifneq ($(wildcard ../shared/fashion-mnist/*.gz),)
-    export FMNIST_MIRROR := $(abspath ../shared/fashion-mnist)
-  endif
-endif
 
 .PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
 	schedule unschedule schedule-systemd add-data clean
@@ -43,43 +35,40 @@ setup: $(VENV)/.installed ## Create .venv from the lock file (idempotent)
 	@mkdir -p data/extra
 
 params: setup ## Compose conf/ into params.yaml (what `dvc exp run` does)
-	$(PYTHON) -m pipeline.params
+	$(PYTHON) -m pipeline.commands.params
 
 data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + split)
 	dvc repro split
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
 	dvc repro
-	@$(PYTHON) -m pipeline.summary
+	@$(PYTHON) -m pipeline.commands.summary
 
-ui: setup ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...)
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
-		--host 127.0.0.1 --port $(UI_PORT)
+ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
+	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
 
-serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=...)
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" \
-		MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
-		mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(PORT)
+serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=models:/...)
+	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
 
 predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }
-	$(PYTHON) -m pipeline.predict $(INPUT) --model "$(MODEL)" $(ARGS)
+	$(PYTHON) -m pipeline.commands.predict $(INPUT) $(if $(MODEL),--model "$(MODEL)") $(ARGS)
 
 retrain: setup ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
-	$(PYTHON) -m pipeline.retrain $(RETRAIN_ARGS)
+	$(PYTHON) -m pipeline.commands.retrain $(RETRAIN_ARGS)
 
 schedule: setup ## Install a cron entry that retrains at EVERY=weekly|daily|hourly|"cron expr"
-	$(PYTHON) -m pipeline.schedule install --every "$(EVERY)"
+	$(PYTHON) -m pipeline.commands.schedule install --every "$(EVERY)"
 
 unschedule: setup ## Remove the cron entry
-	$(PYTHON) -m pipeline.schedule uninstall
+	$(PYTHON) -m pipeline.commands.schedule uninstall
 
 schedule-systemd: setup ## Install a systemd user timer instead of cron
-	$(PYTHON) -m pipeline.schedule install-systemd --every "$(EVERY)"
+	$(PYTHON) -m pipeline.commands.schedule install-systemd --every "$(EVERY)"
 
 add-data: setup ## Add labelled PNGs from DIR=path/<class>/*.png to data/extra (DVC-tracked)
 	@test -n "$(DIR)" || { echo "usage: make add-data DIR=path/to/folder" >&2; exit 2; }
-	$(PYTHON) -m pipeline.add_data "$(DIR)"
+	$(PYTHON) -m pipeline.commands.add_data "$(DIR)"
 
 test: setup ## Run the whole test suite (unit, integration, end-to-end)
 	$(PYTHON) -m pytest

@@ -7,8 +7,8 @@ is checked (never a timed unit test): it exits 1 if our default model misses tes
 or training time <= 3 s.
 
 Usage: python benchmarks/bench_softmax.py [--repeats 3] [--baseline-repeats 1] [--skip-baseline]
-Data: $FMNIST_MIRROR (a directory with the four .gz archives), else data/raw/, else
-../shared/fashion-mnist next to the repository.
+Data: the download stage's local mirror ($FMNIST_MIRROR, a directory with the four .gz archives,
+else ../shared/fashion-mnist next to the repository), else data/raw/.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from sklearn.pipeline import Pipeline
 from pipeline.core.estimator import SoftmaxRegression
 from pipeline.core.idx import read_idx
 from pipeline.core.preprocessing import PixelFeatures
+from pipeline.support.workspace import mirror_directory
 
 MIN_TEST_ACCURACY = 0.850
 MAX_TRAIN_SECONDS = 3.0
@@ -54,22 +55,17 @@ class DataNotFound(SystemExit):
 
 
 def find_data_dir() -> Path:
-    mirror = os.environ.get("FMNIST_MIRROR")
-    if mirror:
-        candidates = [("FMNIST_MIRROR", Path(mirror))]
-    else:
-        candidates = [
-            ("data/raw", REPO_ROOT / "data" / "raw"),
-            ("../shared/fashion-mnist", REPO_ROOT.parent / "shared" / "fashion-mnist"),
-        ]
+    """The download stage's local mirror (FMNIST_MIRROR or ../shared/fashion-mnist), else
+    data/raw/ of a pipeline that has run."""
+    mirror = mirror_directory(REPO_ROOT)
+    candidates = [("the local mirror", mirror)] if mirror is not None else []
+    candidates.append(("data/raw", REPO_ROOT / "data" / "raw"))
     for origin, directory in candidates:
         if directory.is_dir():
             missing = [name for name in ARCHIVES.values() if not (directory / name).is_file()]
             if missing:
                 raise DataNotFound(f"{directory} (from {origin}) lacks {', '.join(missing)}")
             return directory
-        if origin == "FMNIST_MIRROR":
-            raise DataNotFound(f"FMNIST_MIRROR={mirror} is not a directory")
     tried = ", ".join(str(directory) for _, directory in candidates)
     raise DataNotFound(
         f"no Fashion-MNIST archives found (tried {tried}); set FMNIST_MIRROR to a directory "

@@ -1,7 +1,8 @@
 """Fashion-MNIST softmax regression pipeline: DVC stages, Hydra configuration, MLflow tracking.
 
-`pipeline.core` holds the maths and data handling in plain numpy/pandas; the modules next to it
-are thin stages that read their configuration, call the core and record results.
+Four layers, each importing only from those below it: `commands` (what people and schedulers
+run), `stages` (one module per DVC stage), `support` (configuration, MLflow plumbing, model
+files) and `core` (the maths and data handling in plain numpy/pandas/scikit-learn).
 """
 
 __version__ = "0.1.0"

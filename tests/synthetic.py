@@ -3,8 +3,8 @@
 `write_archives` writes the four gzipped IDX archives under their real names, with images that a
 linear classifier separates easily (each class lights up its own block of the 28x28 grid, over
 noise), and returns their names and MD5s; `data_params` and `write_params` turn those into a
-`params.yaml` whose `data` section passes `pipeline.config.load`. `write_extra_folder` makes a
-folder of extra labelled PNGs. Everything is deterministic given the seed.
+`params.yaml` whose `data` section passes `pipeline.support.config.load`. `write_extra_folder`
+makes a folder of extra labelled PNGs. Everything is deterministic given the seed.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.config import FILE_KEYS, FileSpec
 from pipeline.core.extra import class_folder_name, class_index
 from pipeline.core.files import md5sum
 from pipeline.core.idx import write_idx
+from pipeline.support.config import FILE_KEYS, FileSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

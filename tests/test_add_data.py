@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import add_data
+from pipeline.commands import add_data
 from pipeline.core.extra import load_extra
 from tests.conftest import Archives
 from tests.synthetic import (

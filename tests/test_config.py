@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline.support import config, models, store
 from tests.synthetic import REPO_ROOT
 
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -23,9 +24,16 @@ def with_change(path: str, value) -> dict:
     return params
 
 
+def check(params: dict) -> config.Config:
+    """What a training stage does with a configuration: the schema, then the model's own rules."""
+    cfg = config.validate(params)
+    models.check_params(cfg.model)
+    return cfg
+
+
 def test_committed_params_are_valid() -> None:
-    cfg = config.validate(PARAMS)
-    assert isinstance(cfg.model, config.SoftmaxConfig)
+    cfg = check(PARAMS)
+    assert models.check_params(cfg.model).kind == "softmax"
     assert cfg.mlflow.registered_model == "fashion-mnist-softmax"
     assert cfg.mlflow.promotion.metric == "test_accuracy"
     assert cfg.mlflow.promotion.greater_is_better
@@ -34,14 +42,17 @@ def test_committed_params_are_valid() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("model.lr", 0, "model.lr=0"),
-        ("model.lr", -0.1, "model.lr=-0.1"),
-        ("model.epochs", 0, "model.epochs=0"),
-        ("model.optimizer", "rmsprop", "one of ('adam', 'sgd')"),
+        ("model.learning_rate", 0, "model.learning_rate=0 is invalid: expected a float in the "
+                                   "range (0.0, inf)"),
+        ("model.learning_rate", -0.1, "model.learning_rate=-0.1"),
+        ("model.learning_rate", float("nan"), "model.learning_rate=nan"),
+        ("model.epochs", 0, "model.epochs=0 is invalid: expected an int in the range [1, inf)"),
+        ("model.optimizer", "rmsprop", "model.optimizer='rmsprop' is invalid: expected a str"),
         ("model.lr_schedule", "linear", "model.lr_schedule"),
         ("model.pixel_transform", "log", "model.pixel_transform"),
-        ("model.batch_size", "big", "model.batch_size"),
-        ("model.name", "xgboost", "model.name='xgboost'"),
+        ("model.batch_size", "big", "model.batch_size='big'"),
+        ("model.random_state", -1, "model.random_state=-1"),
+        ("model._target_", "xgboost.XGBClassifier", "model._target_='xgboost.XGBClassifier'"),
         ("data.val_size", 0, "data.val_size=0"),
         ("data.val_size", 60_000, "between 1 and 59999"),
         ("data.files.train_images.md5", "abc", "data.files.train_images.md5"),
@@ -51,23 +62,29 @@ def test_committed_params_are_valid() -> None:
     ],
 )
 def test_bad_values_name_the_key(path: str, value, message: str) -> None:
-    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace(".", r"\.")):
-        config.validate(with_change(path, value))
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        check(with_change(path, value))
 
 
 def test_unknown_key_is_rejected_with_its_full_name() -> None:
-    with pytest.raises(config.ConfigError, match="model.momentom"):
-        config.validate(with_change("model.momentom", 0.9))
+    with pytest.raises(config.ConfigError, match="model.momentom is not a parameter of "
+                       r"pipeline\.core\.estimator\.SoftmaxRegression; allowed keys: optimizer"):
+        check(with_change("model.momentom", 0.9))
 
 
-def test_model_groups_have_their_own_schema() -> None:
+def test_model_groups_have_their_own_parameters() -> None:
     params = copy.deepcopy(PARAMS)
     params["model"] = yaml.safe_load((REPO_ROOT / "conf/model/sklearn_logreg.yaml").read_text())
-    assert isinstance(config.validate(params).model, config.LogRegConfig)
-    params["model"]["lr"] = 0.1  # a softmax key is not a logreg key
-    with pytest.raises(config.ConfigError, match="model.lr"):
-        config.validate(params)
+    spec = models.check_params(check(params).model)
+    assert spec.kind == "sklearn_logreg"
+    assert spec.run_name == "logreg-C1-it100"
+    params["model"]["learning_rate"] = 0.1  # a softmax key is not a logreg key
+    with pytest.raises(config.ConfigError, match="model.learning_rate is not a parameter"):
+        check(params)
+    del params["model"]["learning_rate"]
+    del params["model"]["C"]
+    with pytest.raises(config.ConfigError, match="model.C is missing"):
+        check(params)
 
 
 def test_load_reports_the_file(tmp_path) -> None:
@@ -79,37 +96,32 @@ def test_load_reports_the_file(tmp_path) -> None:
         config.load(missing)
 
 
-def test_softmax_defaults_match_the_estimator() -> None:
-    """conf/model/softmax.yaml is the estimator's defaults: one source of truth for both."""
-    from pipeline import models
+def test_the_model_is_built_from_its_keys_as_they_are() -> None:
+    """One vocabulary: every key of conf/model/softmax.yaml is a parameter of the estimator."""
     from pipeline.core.estimator import SoftmaxRegression
 
-    built = models.build(config.validate(PARAMS).model).get_params()
-    assert built == SoftmaxRegression().get_params()
+    spec = models.check_params(check(PARAMS).model)
+    built = models.build(spec)
+    assert isinstance(built, SoftmaxRegression)
+    params = {key: value for key, value in PARAMS["model"].items() if key != "_target_"}
+    assert built.get_params() == {**SoftmaxRegression().get_params(), **params}
+    assert spec.run_name == "softmax-adam-lr0.01-ep4-bs512"
 
 
 def test_tracking_uri_precedence_and_dvc_temp_copies(tmp_path, monkeypatch) -> None:
     mlflow_cfg = config.validate(PARAMS).mlflow
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert mlflow_cfg.resolved_tracking_uri == "sqlite:///mlflow.db"
+    assert store.tracking_uri(mlflow_cfg) == "sqlite:///mlflow.db"
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)  # where `dvc exp run --temp` runs the stages
-    assert mlflow_cfg.resolved_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store.tracking_uri(mlflow_cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert mlflow_cfg.resolved_tracking_uri == "http://127.0.0.1:5000"
+    assert store.tracking_uri(mlflow_cfg) == "http://127.0.0.1:5000"
+    assert store.model_uri(mlflow_cfg) == "models:/fashion-mnist-softmax@champion"
 
 
-def test_schema_vocabularies_are_the_estimators() -> None:
-    from pipeline.core import estimator, preprocessing
-
-    assert set(config.OPTIMIZERS) == set(estimator.OPTIMIZERS)
-    assert set(config.LR_SCHEDULES) == set(estimator.LR_SCHEDULES)
-    assert set(config.SCALINGS) == set(preprocessing.SCALINGS)
-    assert set(config.PIXEL_TRANSFORMS) == set(preprocessing.TRANSFORMS)
-
-
-def test_infinite_power_is_refused_by_the_schema() -> None:
+def test_infinite_power_is_refused() -> None:
     with pytest.raises(config.ConfigError, match="model.power=inf"):
-        config.validate(with_change("model.power", float("inf")))
+        check(with_change("model.power", float("inf")))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download
 from pipeline.core.files import md5sum
+from pipeline.stages import download
 from tests.conftest import Archives, Project, Route
 
 NAMES = [
@@ -258,7 +258,7 @@ def test_command_line_exit_code_and_clean_error(project: Project) -> None:
     project.configure(mirrors=[str(project.root / "nowhere")])
     env = {k: v for k, v in os.environ.items() if k != "FMNIST_MIRROR"}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.download", "--params", "params.yaml"],
+        [sys.executable, "-m", "pipeline.stages.download", "--params", "params.yaml"],
         cwd=project.root, env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
@@ -267,7 +267,7 @@ def test_command_line_exit_code_and_clean_error(project: Project) -> None:
 
     env["FMNIST_MIRROR"] = str(project.archives.directory)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.download"], cwd=project.root, env=env,
+        [sys.executable, "-m", "pipeline.stages.download"], cwd=project.root, env=env,
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr

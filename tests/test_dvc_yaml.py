@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.outputs import Outputs
+from pipeline.support.models import KINDS
+from pipeline.support.outputs import Outputs
 from tests.synthetic import REPO_ROOT
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
-# Modules imported only by a direct Hydra run (`python -m pipeline.train ...`), never by the
-# DVC stage, which stops after training; evaluate and register are their own stages.
-DIRECT_RUN_ONLY = {"train": {"pipeline/evaluate.py", "pipeline/register.py",
-                             "pipeline/summary.py"}}
 
 
 def module_file(name: str) -> Path | None:
@@ -35,16 +32,19 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    if path.name == "models.py" and path.parent.name == "support":
+        # The model factories are imported by name, from the `_target_` of the configuration.
+        names.update(target.rpartition(".")[0] for target in KINDS)
     return {name for name in names if name.startswith("pipeline")}
 
 
-def import_closure(entry: Path, skip: set[str] = frozenset()) -> set[str]:
+def import_closure(entry: Path) -> set[str]:
     """Every file of the package that `entry` imports, directly or not (lazy imports too)."""
     seen: set[Path] = set()
     todo = [entry]
     while todo:
         path = todo.pop()
-        if path in seen or str(path.relative_to(REPO_ROOT)) in skip:
+        if path in seen:
             continue
         seen.add(path)
         todo += [f for f in map(module_file, imported_modules(path)) if f is not None]
@@ -55,9 +55,39 @@ def import_closure(entry: Path, skip: set[str] = frozenset()) -> set[str]:
 def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
     command = STAGES[stage]["cmd"]
     module = command.split("-m ", 1)[1].split()[0]
-    needed = import_closure(module_file(module), DIRECT_RUN_ONLY.get(stage, set()))
-    declared = {dep for dep in STAGES[stage]["deps"] if isinstance(dep, str)}
-    assert needed <= declared, f"add to the deps of {stage}: {sorted(needed - declared)}"
+    needed = import_closure(module_file(module))
+    declared = {dep for dep in STAGES[stage]["deps"] if dep.startswith("pipeline/")}
+    assert needed == declared, (f"add to the deps of {stage}: {sorted(needed - declared)}; "
+                                f"remove: {sorted(declared - needed)}")
+
+
+STAGE_MODULES = sorted((REPO_ROOT / "pipeline" / "stages").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("path", STAGE_MODULES, ids=lambda path: path.stem)
+def test_a_stage_imports_no_other_stage(path: Path) -> None:
+    others = import_closure(path) & {str(p.relative_to(REPO_ROOT)) for p in STAGE_MODULES}
+    assert others == {str(path.relative_to(REPO_ROOT))}
+
+
+def test_every_stage_module_is_a_dvc_stage() -> None:
+    commands = {STAGES[stage]["cmd"].split("-m ", 1)[1].split()[0] for stage in STAGES}
+    assert commands == {f"pipeline.stages.{path.stem}" for path in STAGE_MODULES}
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "pipeline" / "core").glob("*.py")),
+                         ids=lambda path: path.stem)
+def test_the_core_imports_no_framework(path: Path) -> None:
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & {"mlflow", "dvc", "hydra", "omegaconf", "matplotlib"}
+    assert not {name for name in imported if name == "pipeline"} or all(
+        node.module.startswith("pipeline.core") for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"))
 
 
 def outs(stage: str) -> set[str]:

@@ -166,12 +166,12 @@ def test_standardisation_statistics_are_learned_from_transformed_pixels():
     X, y = fake_images()
     model = SoftmaxRegression(epochs=1, pixel_transform="sqrt").fit(X, y)
     transformed = np.sqrt(X / 255.0)
-    np.testing.assert_allclose(model.feature_mean_, transformed.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(model.features_.mean_, transformed.mean(axis=0), rtol=1e-5)
     expected_scale = np.maximum(transformed.std(axis=0), 0.05)
-    np.testing.assert_allclose(model.feature_scale_, expected_scale, rtol=1e-4)
+    np.testing.assert_allclose(model.features_.scale_, expected_scale, rtol=1e-4)
 
     minmax = SoftmaxRegression(epochs=1, scaling="minmax").fit(X, y)
-    assert minmax.feature_mean_ is None and minmax.feature_scale_ is None
+    assert minmax.features_.mean_ is None and minmax.features_.scale_ is None
 
 
 def test_negative_inputs_stay_finite_under_the_power_transform():
@@ -345,7 +345,7 @@ def test_eval_set_is_validated():
 )
 def test_invalid_hyperparameters_are_named(params, name):
     X, y = blobs(20)
-    with pytest.raises(ValueError, match=rf"{name}=.* is invalid"):
+    with pytest.raises(ValueError, match=rf"The '{name}' parameter of SoftmaxRegression must be"):
         SoftmaxRegression(**params).fit(X, y)
 
 
@@ -364,7 +364,8 @@ def test_skops_round_trip_without_pickle(tmp_path, params, with_eval_set):
     sio.dump(model, path)
 
     untrusted = sio.get_untrusted_types(file=path)
-    assert untrusted == ["pipeline.core.estimator.SoftmaxRegression"]
+    assert untrusted == ["pipeline.core.estimator.SoftmaxRegression",
+                         "pipeline.core.preprocessing.PixelFeatures"]
     loaded = sio.load(path, trusted=untrusted)
 
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
@@ -391,7 +392,7 @@ def test_pixel_features_give_the_estimators_features():
     model = SoftmaxRegression(epochs=1).fit(X, y)
     features = PixelFeatures().fit_transform(X)
     assert features.dtype == np.float32
-    np.testing.assert_array_equal(features, model._preprocess(X))
+    np.testing.assert_array_equal(features, model.features_.transform(X))
     np.testing.assert_array_equal(PixelFeatures().fit(X).transform(X), features)
     logits = features @ model.coef_.T + model.intercept_
     np.testing.assert_allclose(logits, model.decision_function(X), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import config, params
+from pipeline.commands import params
+from pipeline.support import config, models
 from tests.synthetic import REPO_ROOT
 
 
@@ -19,8 +20,8 @@ def test_committed_params_equal_the_composition_of_conf() -> None:
 
 def test_group_override_swaps_the_model_section() -> None:
     composed = yaml.safe_load(params.compose(REPO_ROOT, ["model=sklearn_logreg", "model.C=0.5"]))
-    cfg = config.validate(composed)
-    assert isinstance(cfg.model, config.LogRegConfig) and cfg.model.C == 0.5
+    spec = models.check_params(config.validate(composed).model)
+    assert spec.kind == "sklearn_logreg" and spec.params["C"] == 0.5
 
 
 def copy_project(tmp_path: Path) -> Path:
@@ -45,7 +46,7 @@ def test_invalid_composition_is_refused_and_nothing_written(tmp_path, monkeypatc
                                                             capsys) -> None:
     monkeypatch.chdir(copy_project(tmp_path))
     before = (tmp_path / "params.yaml").read_text()
-    assert params.main(["model.lr=-1"]) == 1
-    assert "model.lr=-1" in capsys.readouterr().err
+    assert params.main(["model.learning_rate=-1"]) == 1
+    assert "model.learning_rate=-1 is invalid" in capsys.readouterr().err
     assert params.main(["model.nonsense=1"]) == 1
     assert (tmp_path / "params.yaml").read_text() == before

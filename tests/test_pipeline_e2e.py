@@ -31,8 +31,9 @@ def test_first_run_trains_evaluates_and_registers_a_champion(repo: Repo) -> None
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.name"] == "softmax"
-    assert float(params["model.lr"]) == repo.params()["model"]["lr"]
+    assert params["model._target_"] == "pipeline.core.estimator.SoftmaxRegression"
+    assert run.data.tags["model"] == "softmax"
+    assert float(params["model.learning_rate"]) == repo.params()["model"]["learning_rate"]
     assert params["data.val_size"] == "120"
     assert run.data.tags["source"] == "dvc"
     assert len(run.data.tags["git_commit"]) == 40
@@ -82,7 +83,7 @@ def test_dvc_outputs_for_metrics_and_plots(repo: Repo) -> None:
     assert "Confusion matrix (test)" in shown
     predictions = (repo.root / "plots" / "predictions_test.csv").read_text().splitlines()
     assert predictions[0] == "actual,predicted" and len(predictions) == 201
-    summary = repo.run(sys.executable, "-m", "pipeline.summary").stdout
+    summary = repo.run(sys.executable, "-m", "pipeline.commands.summary").stdout
     assert "champion after" in summary and "version 1" in summary
 
 
@@ -107,7 +108,7 @@ def test_rerunning_register_registers_nothing_new(repo: Repo) -> None:
 
 def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
     params = repo.params()
-    params["model"].update(lr=1e-6, epochs=1)
+    params["model"].update(learning_rate=1e-6, epochs=1)
     repo.write_params(params)
     repo.dvc("repro")
     client = repo.client()
@@ -123,15 +124,15 @@ def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
 def test_hydra_sweep_gives_one_complete_run_per_point(repo: Repo) -> None:
     """`python -m pipeline.train -m ...` composes conf/; each point trains, evaluates, registers."""
     client = repo.client()
-    repo.run(sys.executable, "-m", "pipeline.train", "-m", "model.lr=0.02,0.2",
+    repo.run(sys.executable, "-m", "pipeline.train", "-m", "model.learning_rate=0.02,0.2",
              "model.epochs=2", "hydra.sweep.dir=multirun/sweep")
     experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
     runs = client.search_runs([experiment], "tags.source = 'hydra'")
-    assert sorted(run.data.params["model.lr"] for run in runs) == ["0.02", "0.2"]
+    assert sorted(run.data.params["model.learning_rate"] for run in runs) == ["0.02", "0.2"]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert "test_accuracy" in run.data.metrics
-        assert run.data.tags["hydra_overrides"].startswith("model.lr=")
+        assert run.data.tags["hydra_overrides"].startswith("model.learning_rate=")
         assert run.data.tags["registered_version"]
     for point in ("0", "1"):
         assert (repo.root / "multirun" / "sweep" / point / "metrics" / "evaluate.json").is_file()
@@ -139,25 +140,25 @@ def test_hydra_sweep_gives_one_complete_run_per_point(repo: Repo) -> None:
 
 def test_dvc_exp_run_with_set_param_and_group_override(repo: Repo) -> None:
     client = repo.client()
-    repo.dvc("exp", "run", "-S", "model.lr=0.05")
+    repo.dvc("exp", "run", "-S", "model.learning_rate=0.05")
     run = client.get_run(repo.json("models/run.json")["run_id"])
-    assert run.data.params["model.lr"] == "0.05"
+    assert run.data.params["model.learning_rate"] == "0.05"
     repo.dvc("exp", "run", "-S", "model=sklearn_logreg", "-S", "model.max_iter=30")
     run = client.get_run(repo.json("models/run.json")["run_id"])
-    assert run.data.params["model.name"] == "sklearn_logreg"
+    assert run.data.tags["model"] == "sklearn_logreg"
     assert run.data.metrics["test_accuracy"] > 0.9
     shown = repo.dvc("exp", "show", "--json").stdout
-    assert "sklearn_logreg" in shown and "0.05" in shown
+    assert "make_logistic_regression" in shown and "0.05" in shown
     repo.run("git", "checkout", "--", "params.yaml")
 
 
 def test_bad_config_fails_and_leaves_no_running_run(repo: Repo) -> None:
     params = repo.params()
-    params["model"]["lr"] = -1
+    params["model"]["learning_rate"] = -1
     repo.write_params(params)
     result = repo.dvc("repro", check=False)
     assert result.returncode != 0
-    assert "model.lr=-1" in result.stdout + result.stderr
+    assert "model.learning_rate=-1 is invalid" in result.stdout + result.stderr
     client = repo.client()
     experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")

@@ -13,17 +13,17 @@ import os
 import re
 import subprocess
 import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
-from pipeline import config, models, predict
+from pipeline.commands import predict
 from pipeline.core.estimator import SoftmaxRegression
 from pipeline.core.idx import read_idx, write_idx
+from pipeline.support import config, models
+from pipeline.support.workspace import mirror_directory
 from tests.repo_copy import MODEL_NAME, Repo, make_repo
 from tests.synthetic import (
     CLASS_NAMES,
@@ -340,16 +340,11 @@ def test_no_champion_yet(setup: Setup, capsys, tmp_path: Path, monkeypatch,
 
 def _real_archives() -> Path:
     names = [spec.name for spec in config.load(REPO_ROOT / "params.yaml").data.files.values()]
-    mirror = os.environ.get("FMNIST_MIRROR", "")
-    candidates = [REPO_ROOT.parent / "shared" / "fashion-mnist"]
-    if mirror.startswith("file:"):
-        candidates.insert(0, Path(urllib.request.url2pathname(urlsplit(mirror).path)))
-    elif mirror and not urlsplit(mirror).scheme.startswith("http"):
-        candidates.insert(0, Path(mirror))
-    for directory in candidates:
-        if all((directory / name).is_file() for name in names):
-            return directory
-    pytest.skip(f"real Fashion-MNIST archives not found in FMNIST_MIRROR nor {candidates[-1]}")
+    directory = mirror_directory(REPO_ROOT)  # the download stage's own rule
+    if directory is not None and all((directory / name).is_file() for name in names):
+        return directory
+    pytest.skip("real Fashion-MNIST archives not found in FMNIST_MIRROR nor "
+                "../shared/fashion-mnist beside the checkout")
 
 
 @pytest.mark.slow

@@ -6,18 +6,16 @@ next to the repository. Skipped otherwise: this test never downloads anything.
 
 from __future__ import annotations
 
-import os
-import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
-from pipeline import config
 from pipeline.core.extra import load_extra
 from pipeline.core.files import md5sum
 from pipeline.core.split import build_manifest, load_official, make_split, write_split
+from pipeline.support import config
+from pipeline.support.workspace import mirror_directory
 from tests.synthetic import REPO_ROOT
 
 pytestmark = pytest.mark.real_data
@@ -25,14 +23,8 @@ pytestmark = pytest.mark.real_data
 
 
 def _candidates() -> list[Path]:
-    found = []
-    mirror = os.environ.get("FMNIST_MIRROR", "")
-    if mirror.startswith("file:"):
-        found.append(Path(urllib.request.url2pathname(urlsplit(mirror).path)))
-    elif mirror and not urlsplit(mirror).scheme.startswith("http"):
-        found.append(Path(mirror).absolute())
-    found.append((REPO_ROOT / ".." / "shared" / "fashion-mnist").resolve())
-    return found
+    found = mirror_directory(REPO_ROOT)  # the download stage's own rule
+    return [found] if found is not None else []
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def real_dir(data_config: config.DataConfig) -> Path:
         if all((directory / name).is_file() for name in names):
             return directory
     pytest.skip("real Fashion-MNIST archives not found in FMNIST_MIRROR (a directory or "
-                f"file:// URL) nor in {_candidates()[-1]}")
+                "file:// URL) nor in ../shared/fashion-mnist beside the checkout")
 
 
 def test_checksums_match_the_configuration(real_dir: Path,

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from pipeline import config
+from pipeline.support import config
 from tests.synthetic import REPO_ROOT
 
 
@@ -64,12 +65,12 @@ def evaluated_run(test_accuracy: float, status: str = "FINISHED") -> tuple[str, 
 
 
 def register(name: str, run_id: str, model_uri: str, out: Path) -> dict:
-    from pipeline import register as stage
-    from pipeline import tracking
-    from pipeline.outputs import Outputs
+    from pipeline.stages import register as stage
+    from pipeline.support.outputs import Outputs
+    from pipeline.support.store import connect
 
     cfg = make_config(name)
-    tracking.connect(cfg.mlflow)
+    connect(cfg.mlflow)
     return stage.run(cfg, Outputs(out), run_id, model_uri)
 
 
@@ -107,51 +108,91 @@ def test_registering_the_same_run_twice_adds_no_version(name: str, tmp_path: Pat
 def test_a_failed_run_never_reaches_the_registry(name: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import RunFileError
+    from pipeline.support.tracking import RunFileError
 
     with pytest.raises(RunFileError, match="FAILED"):
         register(name, *evaluated_run(0.99, status="FAILED"), tmp_path / "a")
     assert MlflowClient().search_registered_models(f"name='{name}'") == []
 
 
+def wait_for_line(process: subprocess.Popen, log: Path, text: str, timeout: float = 60) -> None:
+    """Poll `log` (the process's stderr) until it holds `text`; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if process.poll() is not None:
+            if text in log.read_text():  # written just before it ended
+                return
+            pytest.fail(f"the registration ended (exit {process.returncode}) without "
+                        f"printing {text!r}; stderr:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {text!r} within {timeout} s; stderr:\n{log.read_text()}")
+        time.sleep(0.1)
+
+
 def test_two_registrations_at_once_wait_for_the_lock_and_keep_the_better(
-        name: str, tmp_path: Path) -> None:
-    """Both block while the registry lock is held, register nothing, then resolve correctly."""
-    import mlflow
+        name: str, store: str, tmp_path: Path) -> None:
+    """Two real register stages meet the registry lock held (here by the test itself).
+
+    Each must say that it waits for the lock and for whom, and register nothing while it waits;
+    once the lock is released they take it in turn: the second to go sees the first's result,
+    and the better candidate ends up champion. No sleep decides anything: without the lock the
+    stages never print the waiting line and the test fails as soon as one of them ends.
+    """
     from mlflow.tracking import MlflowClient
 
-    from pipeline.register import registry_lock
+    from pipeline.stages.register import registry_lock
+    from pipeline.support.tracking import write_run_file
 
     register(name, *evaluated_run(0.80), tmp_path / "base")
     candidates = [evaluated_run(0.90), evaluated_run(0.85)]
-    script = textwrap.dedent("""
-        import sys
-        from pathlib import Path
-        from tests.test_register import register
-        register(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4]))
-    """)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    params = tmp_path / "params.yaml"
+    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    tree["mlflow"]["registered_model"] = name
+    params.write_text(yaml.safe_dump(tree))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # MLFLOW_TRACKING_URI: the test's store
     client = MlflowClient()
-    with registry_lock(mlflow.get_tracking_uri()):
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-c", script, name, run_id, uri, str(tmp_path / f"p{i}")],
-                env=env, cwd=tmp_path,
-            )
-            for i, (run_id, uri) in enumerate(candidates)
-        ]
-        # Both have reopened their runs (RUNNING) just before they ask for the lock.
-        deadline = time.monotonic() + 90
-        while any(client.get_run(run_id).info.status != "RUNNING" for run_id, _ in candidates):
-            assert time.monotonic() < deadline, "the registrations never started"
-            time.sleep(0.2)
-        time.sleep(3)  # without the lock, both would register within this time
-        assert [p.poll() for p in processes] == [None, None]
-        assert len(client.search_model_versions(f"name='{name}'")) == 1
-    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    waiting = f"register: waiting for the registry lock held by pid {os.getpid()} since"
+    workdirs = [tmp_path / f"p{i}" for i in range(len(candidates))]
+    processes: list[subprocess.Popen] = []
+    try:
+        with registry_lock(store):
+            for workdir, (run_id, uri) in zip(workdirs, candidates, strict=True):
+                write_run_file(workdir / "models" / "run.json", run_id, model_uri=uri)
+                with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
+                    processes.append(subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.stages.register", "--params", str(params)],
+                        env=env, cwd=workdir, stdout=out, stderr=err, start_new_session=True))
+            for process, workdir in zip(processes, workdirs, strict=True):
+                wait_for_line(process, workdir / "stderr", waiting)
+            # Both have found the lock busy and are blocked on it: the registry and the
+            # registration files are as they were.
+            assert [p.poll() for p in processes] == [None, None]
+            assert len(client.search_model_versions(f"name='{name}'")) == 1
+            assert champion_version(name) == "1"
+            assert not any((w / "models" / "registration.json").exists() for w in workdirs)
+            released_ms = int(time.time() * 1000)
+        assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    for workdir in workdirs:
+        assert (workdir / "stdout").read_text().startswith("register: ")
+    versions = client.search_model_versions(f"name='{name}'")
+    new_versions = [v for v in versions if str(v.version) != "1"]
+    assert len(new_versions) == 2
+    # Registered once the lock was free, not merely announced and then ignored.
+    assert all(int(v.creation_timestamp) >= released_ms for v in new_versions)
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == candidates[0][0]
-    assert len(client.search_model_versions(f"name='{name}'")) == 3
+    # The compare-and-set ran one after the other: the later registration compared itself with
+    # the champion the earlier one left (whichever went first, both beat version 1).
+    records = [json.loads((w / "models" / "registration.json").read_text()) for w in workdirs]
+    first, second = sorted(records, key=lambda record: int(record["candidate"]["version"]))
+    assert first["promoted"] and first["champion_before"]["version"] == "1"
+    assert second["champion_before"]["version"] == first["candidate"]["version"]
+    assert second["champion_after"]["version"] == str(champion.version)
 
 
 def test_sigterm_marks_the_run_failed(store: str, tmp_path: Path) -> None:
@@ -160,7 +201,7 @@ def test_sigterm_marks_the_run_failed(store: str, tmp_path: Path) -> None:
 
     script = textwrap.dedent("""
         import time, mlflow
-        from pipeline import tracking
+        from pipeline.support import tracking
         tracking.fail_runs_on_sigterm()
         with mlflow.start_run() as run:
             print(run.info.run_id, flush=True)

@@ -1,9 +1,9 @@
 """Retraining cycles with the real pipeline: train, evaluate and register against a real registry.
 
-tests/test_retrain.py checks the cycle's logic with a stand-in register stage; here a repository
+tests/test_retrain.py checks single cycles, each from the same first cycle; here one repository
 copy (synthetic data, sqlite MLflow store) goes through `python -m pipeline.retrain` as cron would
-run it. The tests share that copy and run in order: a first cycle, a cycle with nothing new, new
-images added while three cycles start at once, then cycles that fail half-way.
+run it, and the tests share that copy and run in order: a first cycle, a cycle with nothing new,
+new images added while three cycles start at once, then cycles that fail half-way.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import retrain
+from pipeline.commands import retrain
+from pipeline.support.store import CHALLENGER, CHAMPION
+from pipeline.support.workspace import RETRAIN_LOG
 from tests.repo_copy import MODEL_NAME, Repo, make_repo
 from tests.synthetic import write_extra_folder
 
@@ -36,7 +38,7 @@ class Registry:
 
     @property
     def champion(self) -> str:
-        return self.aliases["champion"]
+        return self.aliases[CHAMPION]
 
 
 def registry(repo: Repo) -> Registry:
@@ -111,7 +113,7 @@ def concurrent(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Concurre
     repo.run(sys.executable, "-m", "pipeline.add_data", str(scratch / "incoming"))
     before = registry(repo)
     lock = repo.root / retrain.LOCK_FILE
-    log = repo.root / retrain.LOG_FILE
+    log = repo.root / RETRAIN_LOG
 
     first = start_cycle(repo, scratch / "first.out")
     waiting = None
@@ -185,7 +187,7 @@ def test_concurrent_cycles_wait_or_exit_75_and_leave_one_champion(
     after = registry(repo)
     assert after.versions == ["1", "2"]
     assert after.champion in after.versions
-    assert set(after.aliases) <= {"champion", "challenger"}
+    assert set(after.aliases) <= {CHAMPION, CHALLENGER}
     assert len(set(after.aliases.values())) == len(after.aliases)  # one alias per version
     assert "RUNNING" not in after.runs.values()
     assert repo.json(str(retrain.REGISTRATION_FILE))["champion_after"]["version"] == \
@@ -198,13 +200,13 @@ def test_training_that_fails_half_way_leaves_the_champion(repo: Repo) -> None:
     conf = repo.root / "conf" / "model" / "softmax.yaml"
     good = conf.read_text()
     bad = yaml.safe_load(good)
-    bad.update(optimizer="sgd", lr=1e300, lr_schedule="constant")
+    bad.update(optimizer="sgd", learning_rate=1e300, lr_schedule="constant")
     conf.write_text(yaml.safe_dump(bad))  # a cycle composes conf/ into params.yaml first
     try:
         result = cycle(repo)
     finally:
         conf.write_text(good)
-        repo.run(sys.executable, "-m", "pipeline.params")
+        repo.run(sys.executable, "-m", "pipeline.commands.params")
 
     assert result.returncode == 1
     assert "training diverged" in result.stdout + result.stderr

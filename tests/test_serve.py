@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import models
+from pipeline.support import models
 from tests.repo_copy import BIN, MODEL_NAME, Repo
 from tests.test_predict import trained_repo
 

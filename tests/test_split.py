@@ -10,18 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import split as split_stage
-from pipeline.config import FileSpec
 from pipeline.core.files import md5sum
 from pipeline.core.idx import write_idx
 from pipeline.core.split import (
     DatasetError,
     allocate,
-    format_summary,
     load_official,
     make_split,
+    split_table,
     stratified_split,
 )
+from pipeline.stages import split as split_stage
+from pipeline.support.config import FileSpec
 from tests.conftest import Project
 from tests.synthetic import CLASS_NAMES, make_dataset, write_extra_folder, write_png
 
@@ -184,7 +184,7 @@ def test_load_official_checks_kinds_and_pairs(tmp_path: Path) -> None:
 def test_summary_table() -> None:
     extra = np.zeros((4, 28, 28), np.uint8)
     result = make_split(_official(), 100, 0, extra, np.array([0, 0, 0, 9], np.uint8))
-    table = format_summary(result, CLASS_NAMES)
+    table = split_table(result, CLASS_NAMES)
     lines = table.splitlines()
     assert lines[0].split() == ["class", "train", "val", "test"]
     assert lines[1].startswith("T-shirt/top") and "extra" in lines[1]
@@ -260,7 +260,7 @@ def test_stage_different_seed_gives_a_different_split(project: Project,
 def test_stage_missing_raw_file(project: Project, capsys: pytest.CaptureFixture) -> None:
     code, _, err = _run_stage(project, capsys)
     assert code == 1
-    assert "train-images-idx3-ubyte.gz: not found; run `python -m pipeline.download`" in err
+    assert "train-images-idx3-ubyte.gz: not found; run `python -m pipeline.stages.download`" in err
     assert "Traceback" not in err and not project.split_dir.exists()
 
 

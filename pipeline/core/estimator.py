@@ -16,26 +16,23 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import ThreadpoolController
 
 from pipeline.core.preprocessing import (
     ACCEPTED_DTYPES,
-    SCALINGS,
-    TRANSFORMS,
-    fit_transform_standardised,
+    PIXEL_PARAMETER_CONSTRAINTS,
+    PixelFeatures,
     row_chunks,
-    standardise_inplace,
     transform_pixels,
 )
-from pipeline.core.softmax import log_softmax, softmax
+from pipeline.core.softmax import cross_entropy, log_softmax, softmax
 
 HISTORY_KEYS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
 )
-OPTIMIZERS = ("sgd", "adam")
-LR_SCHEDULES = ("constant", "cosine", "step")
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 
@@ -210,8 +207,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     coef_ : ndarray (n_classes, n_features), float32
         Weights on the preprocessed (transformed and scaled) features.
     intercept_ : ndarray (n_classes,), float32
-    feature_mean_, feature_scale_ : ndarray (n_features,), float32, or None
-        Standardisation statistics of the transformed features (None with `scaling="minmax"`).
+    features_ : PixelFeatures
+        The fitted preprocessing: the pixel transform and the standardisation statistics of the
+        transformed features (`mean_`, `scale_`; None with `scaling="minmax"`).
     history_ : list of dict
         One record per epoch with exactly the keys `HISTORY_KEYS`. `train_loss` and
         `train_accuracy` are running means over the epoch's mini-batches (cross-entropy without
@@ -224,6 +222,22 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     n_iter_ : int
         Number of epochs actually run (scikit-learn's name, as in MLPClassifier).
     """
+
+    _parameter_constraints: dict = {
+        "optimizer": [StrOptions({"adam", "sgd"})],
+        "learning_rate": [Interval(numbers.Real, 0, math.inf, closed="neither")],
+        "momentum": [Interval(numbers.Real, 0, 1, closed="left")],
+        "nesterov": ["boolean"],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "lr_schedule": [StrOptions({"constant", "cosine", "step"})],
+        "l2": [Interval(numbers.Real, 0, math.inf, closed="left")],
+        **PIXEL_PARAMETER_CONSTRAINTS,
+        "early_stopping": ["boolean"],
+        "patience": [Interval(numbers.Integral, 1, None, closed="left")],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "random_state": ["random_state"],
+    }
 
     def __init__(
         self,
@@ -260,59 +274,23 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
 
-    # ------------------------------------------------------------------ parameter checks
-
-    def _validate_hyperparameters(self) -> None:
-        def require(condition: bool, name: str, expected: str) -> None:
-            if not condition:
-                raise ValueError(
-                    f"{type(self).__name__}: {name}={getattr(self, name)!r} is invalid: "
-                    f"expected {expected}"
-                )
-
-        def is_int(value: object) -> bool:
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-        def is_real(value: object) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-        require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
-        require(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
-        require(self.scaling in SCALINGS, "scaling", f"one of {SCALINGS}")
-        require(self.pixel_transform in TRANSFORMS, "pixel_transform", f"one of {TRANSFORMS}")
-        require(
-            is_real(self.learning_rate) and 0 < self.learning_rate < math.inf,
-            "learning_rate", "a finite number > 0",
-        )
-        require(is_real(self.momentum) and 0 <= self.momentum < 1, "momentum", "0 <= momentum < 1")
-        require(isinstance(self.nesterov, bool), "nesterov", "True or False")
-        require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        require(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
-        require(is_real(self.l2) and 0 <= self.l2 < math.inf, "l2", "a finite number >= 0")
-        require(is_real(self.power) and 0 < self.power < math.inf, "power", "a finite number > 0")
-        require(isinstance(self.early_stopping, bool), "early_stopping", "True or False")
-        require(is_int(self.patience) and self.patience >= 1, "patience", "an integer >= 1")
-        require(
-            is_real(self.validation_fraction) and 0 < self.validation_fraction < 1,
-            "validation_fraction", "a number strictly between 0 and 1",
-        )
-
     # ------------------------------------------------------------------ preprocessing
 
-    def _fit_preprocess(self, X: np.ndarray) -> np.ndarray:
-        if self.scaling == "minmax":
-            self.feature_mean_ = self.feature_scale_ = None
-            return transform_pixels(X, self.pixel_transform, self.power)
-        features, self.feature_mean_, self.feature_scale_ = fit_transform_standardised(
-            X, self.pixel_transform, self.power
-        )
-        return features
+    def _pixel_features(self) -> PixelFeatures:
+        return PixelFeatures(pixel_transform=self.pixel_transform, power=self.power,
+                             scaling=self.scaling)
 
-    def _preprocess(self, X: np.ndarray) -> np.ndarray:
-        features = transform_pixels(X, self.pixel_transform, self.power)
-        if self.feature_mean_ is None:
-            return features
-        return standardise_inplace(features, self.feature_mean_, self.feature_scale_)
+    def __setstate__(self, state: dict) -> None:
+        """Model files written before `features_` existed kept the statistics inline."""
+        if "coef_" in state and "features_" not in state and "feature_mean_" in state:
+            features = PixelFeatures(pixel_transform=state.get("pixel_transform", "power"),
+                                     power=state.get("power", 0.3),
+                                     scaling=state.get("scaling", "standard"))
+            features.mean_, features.scale_ = state.pop("feature_mean_"), state.pop(
+                "feature_scale_")
+            features.n_features_in_ = state.get("n_features_in_")
+            state["features_"] = features
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ validation of data
 
@@ -365,7 +343,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             delattr(self, name)
 
     def _fit(self, X, y, eval_set, callback) -> SoftmaxRegression:
-        self._validate_hyperparameters()
+        self._validate_params()
         X, y = validate_data(self, X, y, dtype=ACCEPTED_DTYPES, order="C")
         check_classification_targets(y)
         classes, y_encoded = np.unique(y, return_inverse=True)
@@ -399,9 +377,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             X_val, y_val_encoded = X[order[:n_val]], y_encoded[order[:n_val]]
             X, y_encoded = X[order[n_val:]], y_encoded[order[n_val:]]
 
-        X_train = self._fit_preprocess(X)
+        self.features_ = self._pixel_features()
+        X_train = self.features_.fit_transform(X)
         if X_val is not None:
-            X_val = self._preprocess(X_val)
+            X_val = self.features_.transform(X_val)
 
         # Overflow warnings are silenced: a non-finite loss is detected and reported as
         # TrainingDivergedError instead.
@@ -517,10 +496,11 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         # Fold the standardisation into the weights: one small product instead of a pass over X.
         coef = self.coef_.astype(np.float64)
         intercept = self.intercept_.astype(np.float64)
-        if self.feature_mean_ is not None:
-            coef /= self.feature_scale_
-            intercept -= coef @ self.feature_mean_
-        transformed = transform_pixels(X, self.pixel_transform, self.power)
+        features = self.features_
+        if features.mean_ is not None:
+            coef /= features.scale_
+            intercept -= coef @ features.mean_
+        transformed = transform_pixels(X, features.pixel_transform, features.power)
         logits = np.empty((X.shape[0], coef.shape[0]), dtype=np.float64)
         with _one_blas_thread():
             for start, stop in row_chunks(X.shape[0]):
@@ -552,12 +532,8 @@ def _evaluate(coef, intercept, X, labels) -> tuple[float, float]:
     loss_sum, n_correct = 0.0, 0
     for start, stop in row_chunks(X.shape[0], 8192):
         block_labels = labels[start:stop]
-        logits = coef @ X[start:stop].T
-        logits += intercept[:, None]
-        n_correct += int(np.count_nonzero(logits.argmax(axis=0) == block_labels))
-        logits -= logits.max(axis=0)
-        true_class_logits = logits[block_labels, np.arange(block_labels.shape[0])]
-        log_normalisers = np.log(np.exp(logits).sum(axis=0), dtype=np.float64)
-        loss_sum += float(np.sum(log_normalisers - true_class_logits))
+        logits = X[start:stop] @ coef.T
+        logits += intercept
+        n_correct += int(np.count_nonzero(logits.argmax(axis=1) == block_labels))
+        loss_sum += cross_entropy(logits, block_labels) * (stop - start)
     return loss_sum / X.shape[0], n_correct / X.shape[0]
-

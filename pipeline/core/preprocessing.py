@@ -8,10 +8,13 @@ scaled while it is still in cache, and temporaries stay small.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 TRANSFORMS = (None, "sqrt", "power")
@@ -23,6 +26,12 @@ PIXEL_MAX = 255.0
 # would become huge standardised features that dominate the gradient. In units of x/255.
 STD_FLOOR = 0.05
 CHUNK_ROWS = 1024
+# scikit-learn's parameter constraints, shared with SoftmaxRegression (same names and meaning).
+PIXEL_PARAMETER_CONSTRAINTS: dict = {
+    "pixel_transform": [StrOptions({"power", "sqrt"}), None],
+    "power": [Interval(numbers.Real, 0, math.inf, closed="neither")],
+    "scaling": [StrOptions(set(SCALINGS))],
+}
 
 
 def row_chunks(n_rows: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
@@ -115,6 +124,8 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
     Output is float32. Fitted attributes are numpy arrays only, so skops can save it.
     """
 
+    _parameter_constraints: dict = PIXEL_PARAMETER_CONSTRAINTS
+
     def __init__(
         self, *, pixel_transform: str | None = "power", power: float = 0.3,
         scaling: str = "standard",
@@ -131,11 +142,7 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
         return self._fit_transform(X)
 
     def _fit_transform(self, X) -> np.ndarray:
-        if self.pixel_transform not in TRANSFORMS:
-            raise ValueError(f"pixel_transform={self.pixel_transform!r} is invalid: "
-                             f"expected one of {TRANSFORMS}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"scaling={self.scaling!r} is invalid: expected one of {SCALINGS}")
+        self._validate_params()
         X = validate_data(self, X, dtype=ACCEPTED_DTYPES, order="C")
         if self.scaling == "minmax":
             self.mean_ = self.scale_ = None

@@ -227,7 +227,7 @@ def write_split(split_dir: str | Path, result: SplitResult, manifest: Mapping) -
     return written
 
 
-def format_summary(result: SplitResult, class_names: Sequence[str]) -> str:
+def split_table(result: SplitResult, class_names: Sequence[str]) -> str:
     """A plain-text table of images per class and split; "(k extra)": k of them are extras."""
     width = max(len(name) for name in [*class_names, "total"])
     counts = {split: result.counts(split, len(class_names)) for split in SPLITS}

@@ -1,6 +1,6 @@
 """Stage `register`: register the run's model; move `champion` to it only if it is better.
 
-Usage: python -m pipeline.register [--params params.yaml]
+Usage: python -m pipeline.stages.register [--params params.yaml]
 
 Every successful run becomes a version of the registered model, tagged with its metrics, git
 commit, data version and run id. The version gets the alias `champion` if and only if it beats the
@@ -8,31 +8,31 @@ current champion on the promotion metric (test set, fixed across runs) by more t
 `mlflow.promotion.min_improvement`; otherwise it gets `challenger` and the reason as a tag.
 
 The compare-and-set of the alias happens under a file lock, so two pipelines finishing at once on
-one machine leave exactly one champion, the better one. (Against a remote tracking server shared
-by several machines the lock is per machine; the re-check after taking the lock keeps the window
-small but not closed.)
+one machine leave exactly one champion, the better one. A registration that finds the lock busy
+says so on stderr (`register: waiting for the registry lock held by pid N since ...`) and waits.
+(Against a remote tracking server shared by several machines the lock is per machine; the
+re-check after taking the lock keeps the window small but not closed.)
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, tracking
 from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
-from pipeline.outputs import Outputs
-from pipeline.registration import describe, registration_from_record
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+from pipeline.support import config, store, tracking
+from pipeline.support.locks import exclusive_lock
+from pipeline.support.outputs import Outputs
+from pipeline.support.registration import describe, registration_from_record
+from pipeline.support.stage import stage_main
+from pipeline.support.store import CHALLENGER, CHAMPION
 
 
 class RegistrationError(ValueError):
@@ -41,23 +41,23 @@ class RegistrationError(ValueError):
 
 def _lock_path(tracking_uri: str) -> Path:
     """Next to a local sqlite store; otherwise one lock per tracking URI in the temp folder."""
-    store = config.local_store_path(tracking_uri)
-    if store is not None:
-        return store.with_name(store.name + ".register.lock")
+    local = store.local_store_path(tracking_uri)
+    if local is not None:
+        return local.with_name(local.name + ".register.lock")
     digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"fashion-mnist-register-{digest}.lock"
 
 
-@contextmanager
-def registry_lock(tracking_uri: str) -> Iterator[None]:
-    path = _lock_path(tracking_uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def registry_lock(
+    tracking_uri: str, on_wait: Callable[[str], None] | None = None
+) -> AbstractContextManager[None]:
+    """The registry's lock for this store (see `pipeline.support.locks.exclusive_lock`)."""
+    return exclusive_lock(_lock_path(tracking_uri), on_wait=on_wait)
+
+
+def _announce_wait(holder: str) -> None:
+    print(f"register: waiting for the registry lock held by {holder} ...",
+          file=sys.stderr, flush=True)
 
 
 def _version_summary(version: Any, metric: str, value: float | None) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ def _version_summary(version: Any, metric: str, value: float | None) -> dict[str
     return {"version": str(version.version), "value": value, "run_id": version.run_id}
 
 
-def _champion(client: Any, name: str, metric: str) -> tuple[Any, float | None]:
+def current_champion(client: Any, name: str, metric: str) -> tuple[Any, float | None]:
     """The current champion version and its promotion metric, or (None, None)."""
     from mlflow.exceptions import MlflowException
 
@@ -114,7 +114,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 f"run {run_id} has no metric {rule.metric!r} (mlflow.promotion.metric); "
                 "run the evaluate stage first")
         candidate_value = float(run_data.metrics[rule.metric])
-        with registry_lock(mlflow.get_tracking_uri()):
+        with registry_lock(store.tracking_uri(cfg.mlflow), on_wait=_announce_wait):
             _ensure_registered_model(client, name)
             existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
             if existing:
@@ -130,7 +130,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                        if key.startswith(("test_", "val_"))},
                 }
                 version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
-            champion, champion_value = _champion(client, name, rule.metric)
+            champion, champion_value = current_champion(client, name, rule.metric)
             champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:
                 promote, alias, reason = True, None, "already the champion"
@@ -171,12 +171,12 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def register(cfg: config.Config, out: Outputs, run_file: dict[str, Any]) -> str:
-        record = run(cfg, out, run_file["run_id"], run_file["model_uri"])
+    def register(cfg: config.Config) -> str:
+        run_file = tracking.read_run_file(Outputs().run)
+        record = run(cfg, Outputs(), run_file["run_id"], run_file["model_uri"])
         return f"register: {describe(registration_from_record(record), changed=True)}"
 
-    return tracking.resuming_stage_main(
-        "register", "Register the model; promote it if better.", argv, register)
+    return stage_main("register", "Register the model; promote it if better.", argv, register)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Stage `download`: fetch the four Fashion-MNIST archives into `data.raw_dir`, verified by MD5.
 
-Usage: python -m pipeline.download [--params params.yaml]
+Usage: python -m pipeline.stages.download [--params params.yaml]
 
 Mirrors are tried in the order of `data.mirrors`; the environment variable FMNIST_MIRROR (a
 directory, a file:// URL or an http(s):// URL) goes in front of them, which is how offline
-machines and tests point the stage at a local copy. A mirror is a base: the file's URL is the
-mirror, a slash and the file name.
+machines and tests point the stage at a local copy; unset, a `../shared/fashion-mnist` folder of
+archives beside the checkout plays that part (`pipeline.support.workspace.local_mirror`). A
+mirror is a base: the file's URL is the mirror, a slash and the file name.
 
 Only a file whose MD5 matches the configuration ever appears under its final name: each transfer
 goes to a temporary file in the same directory and is renamed once verified, so an interrupted
@@ -37,10 +38,10 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from pipeline import config
 from pipeline.core.files import atomic_write, is_temp_file_of, md5sum
+from pipeline.support import config
+from pipeline.support.workspace import MIRROR_ENV, mirror_source
 
-MIRROR_ENV = "FMNIST_MIRROR"
 CHUNK_SIZE = 1 << 16
 USER_AGENT = "fashion-mnist-pipeline (Python urllib)"
 _URL_SCHEMES = ("http", "https", "file")
@@ -272,9 +273,10 @@ def download(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.download",
+        prog="python -m pipeline.stages.download",
         description="Fetch the Fashion-MNIST archives into data.raw_dir, verified by MD5.",
-        epilog=f"{MIRROR_ENV}: a directory, file:// or http(s):// URL tried before the mirrors.",
+        epilog=f"{MIRROR_ENV}: a directory, file:// or http(s):// URL tried before the mirrors "
+               "(default: ../shared/fashion-mnist beside the checkout, if it has archives).",
     )
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
     args = parser.parse_args(argv)
@@ -284,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         data = config.load(args.params).data
-        mirrors = mirrors_to_try(data.mirrors, os.environ.get(MIRROR_ENV))
+        mirrors = mirrors_to_try(data.mirrors, mirror_source())
         failures = download(data, mirrors, warn=warn)
     except config.ConfigError as exc:
         warn(f"download: error: {exc}")

@@ -1,18 +1,15 @@
-"""The table printed at the end of `make train`: what was trained, how it scored, who is champion.
+"""The table printed at the end of a run: what was trained, how it scored, who is champion.
 
 Reads only the files the stages wrote, so it works after a `dvc repro` that skipped every stage.
-
-Usage: python -m pipeline.summary
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.outputs import Outputs
+from pipeline.support.outputs import Outputs
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -22,14 +19,14 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _champion(entry: dict[str, Any] | None) -> str:
+def _version_cell(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "none"
     value = entry.get("value")
     return f"version {entry['version']}" + (f" ({value:.4f})" if value is not None else "")
 
 
-def format_summary(out: Outputs | None = None) -> str:
+def format_run_summary(out: Outputs | None = None) -> str:
     out = out or Outputs()
     run = _read(out.run) or {}
     trained = _read(out.train_metrics) or {}
@@ -46,8 +43,8 @@ def format_summary(out: Outputs | None = None) -> str:
         if values:
             rows.append((key, "   ".join(values)))
     if registration:
-        rows.append(("champion before", _champion(registration["champion_before"])))
-        rows.append(("champion after", _champion(registration["champion_after"])))
+        rows.append(("champion before", _version_cell(registration["champion_before"])))
+        rows.append(("champion after", _version_cell(registration["champion_after"])))
         verdict = "promoted" if registration["promoted"] else "not promoted"
         rows.append(("this model", f"version {registration['candidate']['version']}, {verdict}: "
                                    f"{registration['reason']}"))
@@ -56,14 +53,3 @@ def format_summary(out: Outputs | None = None) -> str:
     lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]
     return "\n".join(lines)
 
-
-def main() -> int:
-    if not Outputs().run.exists():
-        print("summary: no run yet: run `make train`", file=sys.stderr)
-        return 1
-    print(format_summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

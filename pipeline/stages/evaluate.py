@@ -1,6 +1,6 @@
 """Stage `evaluate`: score the trained model on the official test set and on validation.
 
-Usage: python -m pipeline.evaluate [--params params.yaml]
+Usage: python -m pipeline.stages.evaluate [--params params.yaml]
 
 Writes the DVC metrics file, one prediction table per split for DVC's confusion-matrix plot, and
 figures and tables under reports/; logs all of them to the pipeline's MLflow run.
@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import config, figures, models, tracking
 from pipeline.core.files import atomic_write_text
 from pipeline.core.metrics import Evaluation, evaluate_predictions
 from pipeline.core.split import load_split
-from pipeline.outputs import Outputs
+from pipeline.support import config, figures, models, tracking
+from pipeline.support.outputs import Outputs
+from pipeline.support.stage import stage_main
 
 SPLITS = ("test", "val")
 
@@ -95,10 +96,12 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return tracking.resuming_stage_main(
-        "evaluate", "Score the trained model on test and validation.", argv,
-        lambda cfg, out, run_file: format_results(run(cfg, out, run_file["run_id"])),
-    )
+    def evaluate(cfg: config.Config) -> str:
+        run_id = tracking.read_run_file(Outputs().run)["run_id"]
+        return format_results(run(cfg, Outputs(), run_id))
+
+    return stage_main("evaluate", "Score the trained model on test and validation.", argv,
+                      evaluate)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""MLflow plumbing shared by the stages: which store, one run across stages, which data version.
+"""One MLflow run across the stages, and what it records about the code and the data.
 
 The train stage opens the run and writes its id to `models/run.json`; evaluate and register
 resume that run, so one pipeline execution is one row in the MLflow UI. Any exception inside
@@ -7,29 +7,19 @@ resume that run, so one pipeline execution is one row in the MLflow UI. Any exce
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
 import signal
 import subprocess
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline import config
 from pipeline.core.files import atomic_write_text
-from pipeline.outputs import Outputs
-
-# Before mlflow is imported (lazily, so a bad config fails in a second, not after 4 s of
-# imports): no network calls, no progress bars in DVC's logs.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from pipeline.support import config
 
 # What a commit's code is: a run is "dirty" only if these differ from the commit, not because
 # DVC rewrote its own outputs (dvc.lock, metrics/) during the pipeline.
@@ -61,21 +51,6 @@ def explain(exc: BaseException) -> str:
     """The message of an expected error, with MLflow's own wording where there is one."""
     message = getattr(exc, "message", None)
     return f"{type(exc).__name__}: {message}" if isinstance(message, str) else str(exc)
-
-
-def connect(cfg: config.MlflowConfig) -> str:
-    """Point MLflow at the configured store ($MLFLOW_TRACKING_URI wins); quiet its INFO logs."""
-    import mlflow
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # uv's virtualenvs have no pip; MLflow warns about it on every logged model.
-    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-    uri = cfg.resolved_tracking_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.experiment)
-    return uri
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -175,28 +150,3 @@ def fail_runs_on_sigterm() -> None:
     RUNNING for ever; as an exception, MLflow's context manager marks it FAILED on the way out.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def resuming_stage_main(
-    name: str, description: str, argv: Sequence[str] | None,
-    body: Callable[[config.Config, Outputs, dict[str, Any]], str],
-) -> int:
-    """The command line of a stage that resumes the train stage's run (evaluate, register).
-
-    `body(cfg, out, run_file)` does the work and returns the line to print; expected errors
-    become one `name: error: ...` line and exit code 1.
-    """
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{name}", description=description)
-    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
-    args = parser.parse_args(argv)
-    fail_runs_on_sigterm()
-    out = Outputs()
-    try:
-        cfg = config.load(args.params)
-        connect(cfg.mlflow)
-        message = body(cfg, out, read_run_file(out.run))
-    except expected_errors() as exc:
-        print(f"{name}: error: {explain(exc)}", file=sys.stderr)
-        return 1
-    print(message)
-    return 0

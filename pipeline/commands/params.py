@@ -4,7 +4,7 @@ DVC composes Hydra configs only in `dvc exp run`; `make params` calls this modul
 `dvc repro` and `make train` see conf/ edits too. Using DVC's own function keeps the file
 byte-identical to what `dvc exp run` writes.
 
-Usage: python -m pipeline.params [--check] [HYDRA_OVERRIDE ...]
+Usage: python -m pipeline.commands.params [--check] [HYDRA_OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import config
 from pipeline.core.files import atomic_write_text
+from pipeline.support import config, models
+from pipeline.support.workspace import CONFIG_DIR
 
-CONFIG_DIR = "conf"
 CONFIG_NAME = "config"
 
 
@@ -38,7 +38,7 @@ def compose(root: Path, overrides: Sequence[str] = ()) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.params", description="Compose conf/ into params.yaml."
+        prog="python -m pipeline.commands.params", description="Compose conf/ into params.yaml."
     )
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if params.yaml differs from the composition of conf/")
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"params: {output} matches {CONFIG_DIR}/")
         return 0
     try:
-        config.validate(yaml.safe_load(text))
+        models.check_params(config.validate(yaml.safe_load(text)).model)
     except config.ConfigError as exc:
         print(f"params: error: {CONFIG_DIR}/ composes to an invalid configuration: {exc}",
               file=sys.stderr)

@@ -8,11 +8,9 @@ of half-way through a training run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -84,80 +82,6 @@ class DataConfig:
         )
 
 
-# The estimator's vocabularies, repeated so that reading a config does not import scikit-learn
-# (a second of start-up); tests/test_config.py keeps them equal to the estimator's.
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "step")
-SCALINGS = ("standard", "minmax")
-PIXEL_TRANSFORMS = ("power", "sqrt", None)
-
-
-@dataclass
-class _PreprocessingFields:
-    scaling: str = "standard"
-    pixel_transform: str | None = "power"
-    power: float = 0.3
-
-    def _check_preprocessing(self) -> None:
-        _require(self.scaling in SCALINGS, "model.scaling", self.scaling, f"one of {SCALINGS}")
-        _require(
-            self.pixel_transform in PIXEL_TRANSFORMS, "model.pixel_transform",
-            self.pixel_transform, f"one of {PIXEL_TRANSFORMS}",
-        )
-        _require(0 < self.power < float("inf"), "model.power", self.power,
-                 "a finite number > 0")
-
-
-@dataclass
-class SoftmaxConfig(_PreprocessingFields):
-    """Our `SoftmaxRegression`; keys match its parameters except `lr` (learning_rate), `seed`."""
-
-    name: str = "softmax"
-    optimizer: str = "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = True
-    batch_size: int = 512
-    epochs: int = 4
-    lr_schedule: str = "cosine"
-    l2: float = 1e-3
-    early_stopping: bool = False
-    patience: int = 3
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._check_preprocessing()
-        _require(self.optimizer in OPTIMIZERS, "model.optimizer", self.optimizer,
-                 f"one of {OPTIMIZERS}")
-        _require(self.lr_schedule in LR_SCHEDULES, "model.lr_schedule", self.lr_schedule,
-                 f"one of {LR_SCHEDULES}")
-        _require(0 < self.lr < float("inf"), "model.lr", self.lr, "a finite number > 0")
-        _require(0 <= self.momentum < 1, "model.momentum", self.momentum, "0 <= momentum < 1")
-        _require(self.batch_size >= 1, "model.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.epochs >= 1, "model.epochs", self.epochs, "an integer >= 1")
-        _require(0 <= self.l2 < float("inf"), "model.l2", self.l2, "a finite number >= 0")
-        _require(self.patience >= 1, "model.patience", self.patience, "an integer >= 1")
-        _require(self.seed >= 0, "model.seed", self.seed, "an integer >= 0")
-
-
-@dataclass
-class LogRegConfig(_PreprocessingFields):
-    """scikit-learn's `LogisticRegression` (lbfgs) on the same preprocessing: the baseline."""
-
-    name: str = "sklearn_logreg"
-    C: float = 1.0
-    max_iter: int = 100
-    tol: float = 1e-4
-
-    def __post_init__(self) -> None:
-        self._check_preprocessing()
-        _require(0 < self.C < float("inf"), "model.C", self.C, "a finite number > 0")
-        _require(self.max_iter >= 1, "model.max_iter", self.max_iter, "an integer >= 1")
-        _require(0 < self.tol < float("inf"), "model.tol", self.tol, "a finite number > 0")
-
-
-MODEL_SCHEMAS: dict[str, type] = {"softmax": SoftmaxConfig, "sklearn_logreg": LogRegConfig}
-
 # Metrics the evaluate stage writes, and whether more is better.
 PROMOTION_METRICS = {
     "test_accuracy": True,
@@ -192,44 +116,19 @@ class MlflowConfig:
     registered_model: str = "fashion-mnist-softmax"
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
-    @property
-    def resolved_tracking_uri(self) -> str:
-        """$MLFLOW_TRACKING_URI wins over the configured store, as everywhere in MLflow.
-
-        A relative sqlite store is anchored at the project: `dvc exp run --temp` and `--queue`
-        run the stages in a copy under .dvc/tmp/exps/, where it would be a new, throw-away
-        store whose registry knows no champion.
-        """
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
-        store = local_store_path(uri)
-        if urlsplit(uri).scheme == "sqlite" and store is not None and not store.is_absolute():
-            parts = Path.cwd().parts
-            for i in range(1, len(parts) - 2):
-                if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-                    return f"sqlite:///{Path(*parts[:i]) / store}"
-        return uri
-
     def __post_init__(self) -> None:
         for key in ("tracking_uri", "experiment", "registered_model"):
             _require(bool(getattr(self, key).strip()), f"mlflow.{key}", getattr(self, key),
                      "a non-empty string")
 
 
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The file or folder behind a local tracking URI (sqlite or file store); None for a server."""
-    parts = urlsplit(tracking_uri)
-    if parts.scheme == "sqlite":
-        database = parts.path[1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-        return Path(database) if database and database != ":memory:" else None
-    if parts.scheme in ("", "file"):
-        return Path(parts.path)
-    return None
-
-
 @dataclass
 class Config:
     data: DataConfig = MISSING
-    model: Any = MISSING
+    # `_target_` and the estimator's own parameters, checked by the estimator's own rules
+    # (`pipeline.support.models.check_params`, which only the stages that train call, so that
+    # download and split do not depend on the estimator's code): no second copy lives here.
+    model: dict[str, Any] = MISSING
     mlflow: MlflowConfig = MISSING
 
 
@@ -237,19 +136,6 @@ def validate(raw: DictConfig | dict) -> Config:
     """Merge `raw` into the schema and build the typed config; ConfigError names the bad key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
-        name = OmegaConf.select(merged, "model.name", default=None)
-        if name not in MODEL_SCHEMAS:
-            raise ConfigError(
-                f"model.name={name!r} is invalid: expected one of {sorted(MODEL_SCHEMAS)} "
-                "(choose a config group with `model=softmax` or `model=sklearn_logreg`)"
-            )
-        try:
-            merged.model = OmegaConf.merge(
-                OmegaConf.structured(MODEL_SCHEMAS[name]), merged.model
-            )
-        except OmegaConfBaseException as exc:  # the node is merged alone: restore the prefix
-            exc.full_key = f"model.{getattr(exc, 'full_key', None) or '?'}"
-            raise
         config = OmegaConf.to_object(merged)
     except ConfigError:
         raise

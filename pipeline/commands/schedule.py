@@ -1,11 +1,12 @@
 """Run the retraining cycle on a schedule: a cron entry, or a systemd user timer.
 
 Usage:
-  python -m pipeline.schedule install [--every weekly|daily|hourly|"<cron expression>"]
-  python -m pipeline.schedule uninstall
-  python -m pipeline.schedule show
-  python -m pipeline.schedule install-systemd [--every weekly|daily|hourly | --on-calendar SPEC]
-  python -m pipeline.schedule uninstall-systemd
+  python -m pipeline.commands.schedule install [--every weekly|daily|hourly|"<cron expression>"]
+  python -m pipeline.commands.schedule uninstall
+  python -m pipeline.commands.schedule show
+  python -m pipeline.commands.schedule install-systemd [--every weekly|daily|hourly
+                                                        | --on-calendar SPEC]
+  python -m pipeline.commands.schedule uninstall-systemd
 All take [--repo DIR] (default: the directory holding dvc.yaml, at or above the current one).
 
 cron: one line in the current user's crontab runs
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.files import atomic_write_text
-from pipeline.retrain import LOG_FILE, RetrainError, find_repo_root
+from pipeline.support.workspace import RETRAIN_LOG, CommandError, find_repo_root
 
 CRONTAB_ENV = "CRONTAB"
 TAG_PREFIX = "# fashion-mnist-retrain:"
@@ -52,18 +53,8 @@ PRESETS = {  # cron expression, systemd OnCalendar
 DEFAULT_EVERY = "weekly"
 UNIT_NAME = "fashion-mnist-retrain"
 VENV_PYTHON = Path(".venv") / "bin" / "python"  # the Makefile's virtualenv, from the repo root
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
-
-_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
-# name, lowest, highest, names (for the first value) -- as in crontab(5)
-_CRON_FIELDS = [
-    ("minute", 0, 59, None),
-    ("hour", 0, 23, None),
-    ("day of month", 1, 31, None),
-    ("month", 1, 12, {name: i + 1 for i, name in enumerate(_MONTHS)}),
-    ("day of week", 0, 7, {name: i for i, name in enumerate(_DAYS)}),
-]
+# pipeline/commands/schedule.py -> the repository root
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 
 
 class ScheduleError(Exception):
@@ -73,67 +64,19 @@ class ScheduleError(Exception):
 # --- Cron expressions -----------------------------------------------------------------------
 
 
-def _cron_value(text: str, name: str, low: int, high: int, names: dict[str, int] | None) -> int:
-    if names and text.lower() in names:
-        return names[text.lower()]
-    if not text.isdigit():
-        raise ScheduleError(f"{name}: {text!r} is not a number"
-                            + (f" or a name ({', '.join(names)})" if names else ""))
-    value = int(text)
-    if not low <= value <= high:
-        raise ScheduleError(f"{name}: {value} is out of range {low}-{high}")
-    return value
-
-
-def _check_cron_item(item: str, name: str, low: int, high: int,
-                     names: dict[str, int] | None) -> None:
-    base, has_step, step = item.partition("/")
-    if has_step and (not step.isdigit() or not 1 <= int(step) <= high):
-        raise ScheduleError(f"{name}: step {step!r} in {item!r} must be 1-{high}")
-    if base == "*":
-        return
-    if "-" in base:
-        first, _, last = base.partition("-")
-        start = _cron_value(first, name, low, high, None)
-        end = _cron_value(last, name, low, high, None)
-        if start > end:
-            raise ScheduleError(f"{name}: range {base!r} goes backwards")
-    elif has_step:
-        raise ScheduleError(f"{name}: a step needs `*` or a range before it, not {base!r}")
-    else:
-        _cron_value(base, name, low, high, names)
-
-
-def validate_cron(expression: str) -> str:
-    """The expression with single spaces, or ScheduleError naming the field that is wrong.
-
-    Five fields (minute hour day-of-month month day-of-week), each `*`, a value, a range
-    `a-b`, any of those with a step `/n` (values: not without a range), or a comma-separated
-    list of them. Month and weekday names (jan, mon) as single values; @-macros are not taken.
-    """
-    fields = expression.split()
-    if len(fields) != 5:
-        raise ScheduleError(
-            f"cron expression {expression!r} has {len(fields)} fields, expected 5: minute hour "
-            f"day-of-month month day-of-week, e.g. {PRESETS['weekly'][0]!r}; or one of "
-            f"{', '.join(PRESETS)}"
-        )
-    for text, (name, low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
-        for item in text.split(","):
-            if not item:
-                raise ScheduleError(f"{name}: empty list item in {text!r}")
-            try:
-                _check_cron_item(item, name, low, high, names)
-            except ScheduleError as exc:
-                raise ScheduleError(f"cron expression {expression!r}: {exc}") from None
-    return " ".join(fields)
-
-
 def cron_schedule(every: str) -> str:
-    """A preset name or a cron expression, as the cron expression to install."""
+    """A preset name as its cron expression; anything else is left for `crontab` to judge.
+
+    `crontab -` checks every line it is given and installs nothing if one is wrong, so a bad
+    expression is refused with crontab's own reason (see `write_crontab`).
+    """
     if every in PRESETS:
         return PRESETS[every][0]
-    return validate_cron(every)
+    expression = " ".join(every.split())
+    if not expression or "\n" in every or "#" in every:
+        raise ScheduleError(f"--every {every!r}: expected {', '.join(PRESETS)} or one cron "
+                            f"expression such as {PRESETS['weekly'][0]!r}")
+    return expression
 
 
 # --- The crontab ----------------------------------------------------------------------------
@@ -151,7 +94,7 @@ def _run_crontab(args: Sequence[str], stdin: str | None = None) -> subprocess.Co
         raise ScheduleError(
             f"`{command[0]}` not found, so there is no crontab to install into. Install cron "
             "(Debian/Ubuntu: apt-get install cron) or use the systemd timer instead: "
-            "python -m pipeline.schedule install-systemd"
+            "python -m pipeline.commands.schedule install-systemd"
         ) from None
 
 
@@ -166,11 +109,16 @@ def read_crontab() -> str:
                         f"{result.stderr.strip()}")
 
 
-def write_crontab(text: str) -> None:
+def write_crontab(text: str, schedule: str | None = None) -> None:
+    """Install `text` as the crontab; crontab installs nothing if it refuses a line."""
     result = _run_crontab(["-"], stdin=text)
     if result.returncode != 0:
-        raise ScheduleError(f"`crontab -` refused the new crontab (exit code "
-                            f"{result.returncode}): {result.stderr.strip()}")
+        what = f"the schedule {schedule!r}" if schedule else "the new crontab"
+        raise ScheduleError(
+            f"`crontab -` refused {what} (exit code {result.returncode}): "
+            f"{' '.join(result.stderr.split())}. Nothing was changed; use "
+            f"{', '.join(PRESETS)} or a 5-field cron expression such as "
+            f"{PRESETS['weekly'][0]!r} (minute hour day-of-month month day-of-week)")
 
 
 def _cron_escape(text: str) -> str:
@@ -185,7 +133,7 @@ def cron_line(repo: Path, schedule: str, make: str) -> str:
     """The crontab line that runs one cycle in `repo`, tagged with the repository path."""
     if "\n" in str(repo):
         raise ScheduleError(f"{repo!r}: a path with a newline cannot go in a crontab")
-    log = f">> {LOG_FILE} 2>&1"
+    log = f">> {RETRAIN_LOG} 2>&1"
     command = (
         f"cd {shlex.quote(str(repo))} && mkdir -p logs && {shlex.quote(make)} -s setup {log} "
         f"&& {VENV_PYTHON} -m pipeline.retrain --no-wait {log}"
@@ -236,11 +184,11 @@ def install(repo: Path, every: str) -> None:
     line = cron_line(repo, schedule, _make_binary())
     current = read_crontab()
     replaced = bool(entries(current, tag_for(repo)))
-    write_crontab(with_entry(current, line, tag_for(repo)))
-    (repo / LOG_FILE).parent.mkdir(parents=True, exist_ok=True)
+    write_crontab(with_entry(current, line, tag_for(repo)), schedule)
+    (repo / RETRAIN_LOG).parent.mkdir(parents=True, exist_ok=True)
     print(f"schedule: {'replaced' if replaced else 'installed'} the cron entry ({schedule}):")
     print(f"  {line}")
-    print(f"schedule: output of each run is appended to {repo / LOG_FILE}")
+    print(f"schedule: output of each run is appended to {repo / RETRAIN_LOG}")
 
 
 def uninstall(repo: Path) -> None:
@@ -291,7 +239,8 @@ def render_service(template: str, repo: Path, make: str) -> str:
     """The service with the placeholders filled in; comments are left as written."""
     values = {"@REPO@": str(repo).replace("%", "%%"), "@MAKE@": _exec_word(make),
               "@PYTHON@": _exec_word(str(repo / VENV_PYTHON)),
-              "@DOC_URL@": (repo / "pipeline" / "retrain.py").as_uri().replace("%", "%%")}
+              "@DOC_URL@": (repo / "pipeline" / "commands" / "retrain.py").as_uri()
+              .replace("%", "%%")}
     pattern = re.compile("|".join(map(re.escape, values)))
     lines = []
     for line in template.splitlines():
@@ -308,8 +257,8 @@ def render_timer(template: str, calendar: str | None) -> str:
 
 
 def _rendered_header(repo: Path) -> str:
-    return (f"# Rendered for {repo} by `python -m pipeline.schedule install-systemd` from\n"
-            f"# {TEMPLATE_DIR.relative_to(TEMPLATE_DIR.parents[1])}: edit that and install "
+    return (f"# Rendered for {repo} by `python -m pipeline.commands.schedule install-systemd`\n"
+            f"# from {TEMPLATE_DIR.relative_to(TEMPLATE_DIR.parents[1])}: edit that and install "
             "again rather than this file.\n")
 
 
@@ -329,7 +278,7 @@ def install_systemd(repo: Path, calendar: str | None, dest: Path) -> None:
     print(f"  systemctl --user daemon-reload && systemctl --user enable --now {UNIT_NAME}.timer")
     print("  loginctl enable-linger \"$USER\"   # so that it also runs while you are logged out")
     print(f"schedule: run output goes to `journalctl --user -u {UNIT_NAME}`; "
-          f"the cycle summary to {repo / LOG_FILE}")
+          f"the cycle summary to {repo / RETRAIN_LOG}")
 
 
 def _timer_enabled(dest: Path) -> bool:
@@ -373,7 +322,7 @@ def show(repo: Path, dest: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.schedule",
+        prog="python -m pipeline.commands.schedule",
         description="Schedule the retraining cycle (pipeline.retrain) with cron or a systemd "
                     "timer.",
         epilog=f"{CRONTAB_ENV}: the crontab command to use (default: crontab). "
@@ -419,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             install_systemd(repo, on_calendar(args.every, args.on_calendar), dest)
         else:
             uninstall_systemd(dest)
-    except (ScheduleError, RetrainError, OSError) as exc:
+    except (ScheduleError, CommandError, OSError) as exc:
         print(f"schedule: error: {exc}", file=sys.stderr)
         return 1
     return 0

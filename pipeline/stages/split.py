@@ -1,6 +1,6 @@
 """Stage `split`: raw archives + extra images -> data/split/{train,val,test}.npz + manifest.json.
 
-Usage: python -m pipeline.split [--params params.yaml]
+Usage: python -m pipeline.stages.split [--params params.yaml]
 
 The raw archives must carry the MD5s in `data.files` (the `download` stage guarantees it), so a
 split always says exactly which data it was made from. See `pipeline.core.split` for the rules.
@@ -13,18 +13,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import config
 from pipeline.core.extra import ExtraDataError, load_extra
 from pipeline.core.files import md5sum
 from pipeline.core.idx import IdxFormatError
 from pipeline.core.split import (
     DatasetError,
     build_manifest,
-    format_summary,
     load_official,
     make_split,
+    split_table,
     write_split,
 )
+from pipeline.support import config
 
 
 class StageError(Exception):
@@ -36,12 +36,12 @@ def _check_raw(data: config.DataConfig) -> dict[str, Path]:
     for key, spec in data.files.items():
         path = Path(data.raw_dir) / spec.name
         if not path.is_file():
-            raise StageError(f"{path}: not found; run `python -m pipeline.download` first")
+            raise StageError(f"{path}: not found; run `python -m pipeline.stages.download` first")
         actual = md5sum(path)
         if actual != spec.md5:
             raise StageError(
                 f"{path}: MD5 is {actual}, expected {spec.md5} (data.files.{key}.md5); "
-                "run `python -m pipeline.download` to fetch it again"
+                "run `python -m pipeline.stages.download` to fetch it again"
             )
         paths[key] = path
     return paths
@@ -62,15 +62,15 @@ def run(data: config.DataConfig) -> str:
         f"no extra images in {data.extra_dir}"
     )
     return (
-        f"{format_summary(result, data.class_names)}\n"
+        f"{split_table(result, data.class_names)}\n"
         f"val_size={data.val_size}, seed={data.seed}, {note}\n"
         f"wrote {', '.join(str(p) for p in written)}"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.split", description=__doc__.split(
-        "\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.split",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
     args = parser.parse_args(argv)
     try:

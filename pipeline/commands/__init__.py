@@ -1,0 +1,1 @@
+"""What a person or a scheduler runs: the direct Hydra run, predict, serve, ui, retrain, ..."""

@@ -1,0 +1,300 @@
+"""Add newly labelled images to `data.extra_dir` and record them in data.dvc.
+
+Usage: python -m pipeline.add_data DIR [--params params.yaml]
+
+DIR has the layout of the extra folder (`DIR/<class>/*.png`, see `pipeline.core.extra`). The
+whole of DIR is checked first and every problem is reported at once; if there is any, nothing is
+added. Each image then goes to `<extra_dir>/<canonical class folder>/` (`3/` and `Dress/` both go
+to `dress/`), so the folder names in the repository stay uniform:
+- an image whose content is already in the extra folder under the same class is skipped and
+  reported, so running the command twice adds nothing;
+- the same image with another label there (or in DIR) is a conflict, reported as a problem;
+- a name already taken by another image gets a free name (`shoe.png` -> `shoe-1.png`).
+Each file is written under a temporary name and linked to its final name, which never replaces
+an existing file. Then `dvc commit -f data.dvc` records the new content of the extra folder
+(and saves it in the DVC cache), and the git and DVC commands that share it are printed.
+
+Exit codes: 0 images added or all already there; 1 invalid input or a failure. When the DVC step
+fails, the images stay in place and the message gives the command to finish by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import os
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.core.extra import (
+    ExtraProblem,
+    class_folder_name,
+    class_index,
+    load_extra,
+    validate_extra,
+)
+from pipeline.core.files import md5_bytes, temp_path_for
+from pipeline.support import config
+from pipeline.support.workspace import (
+    EXTRA_DVC_FILE,
+    CommandError,
+    child_env,
+    dvc_remotes,
+    find_repo_root,
+    venv_tool,
+)
+
+
+class AddDataError(Exception):
+    """Nothing (more) can be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Copy:
+    source: Path
+    label: int
+    destination: Path  # the name planned; the final one may differ if it got taken meanwhile
+    data: bytes = field(repr=False)
+
+
+@dataclass
+class Plan:
+    copies: list[Copy] = field(default_factory=list)
+    skipped: list[tuple[Path, Path]] = field(default_factory=list)  # (source, already there)
+
+
+def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[str, tuple[int, Path]]:
+    """MD5 -> (label, path) of the PNGs already in the extra folder."""
+    if not extra_dir.is_dir():
+        return {}
+    known: dict[str, tuple[int, Path]] = {}
+    for folder in sorted(extra_dir.iterdir()):
+        label = class_index(folder.name, class_names) if folder.is_dir() else None
+        if label is None or folder.name.startswith("."):
+            continue
+        for file in sorted(folder.iterdir()):
+            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() == ".png":
+                known.setdefault(md5_bytes(file.read_bytes()), (label, file))
+    return known
+
+
+def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
+    """`name` in `folder`, else `stem-1.png`, `stem-2.png`...: the first not on disk nor planned."""
+    candidate = folder / name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    number = 0
+    while candidate.exists() or candidate in taken:
+        number += 1
+        candidate = folder / f"{stem}-{number}{suffix}"
+    return candidate
+
+
+def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> Plan:
+    """Where each image of `source_dir` goes; AddDataError listing every problem if any."""
+    if not source_dir.is_dir():
+        raise AddDataError(f"{source_dir}: not a folder")
+    problems = validate_extra(source_dir, class_names)
+    if problems:
+        raise AddDataError(_problem_report(problems, source_dir))
+    incoming = load_extra(source_dir, class_names)
+    if len(incoming) == 0:
+        raise AddDataError(
+            f"{source_dir}: no PNG images found; expected {source_dir}/<class>/*.png"
+        )
+    known = _existing_images(extra_dir, class_names)
+    plan, conflicts, taken = Plan(), [], set()
+    for relative, md5, label in zip(incoming.paths, incoming.md5s, incoming.labels, strict=True):
+        source, label = source_dir / relative, int(label)
+        if md5 in known:
+            known_label, known_path = known[md5]
+            if known_label == label:
+                plan.skipped.append((source, known_path))
+            else:
+                conflicts.append(ExtraProblem(
+                    source, f"the same image is already labelled "
+                    f"{class_names[known_label]!r} at {known_path}",
+                ))
+            continue
+        folder = extra_dir / class_folder_name(label, class_names)
+        destination = _free_name(folder, source.name, taken)
+        taken.add(destination)
+        plan.copies.append(Copy(source, label, destination, source.read_bytes()))
+        known[md5] = (label, source)
+    if conflicts:
+        raise AddDataError(_problem_report(conflicts, source_dir))
+    return plan
+
+
+def _problem_report(problems: Sequence[ExtraProblem], source_dir: Path) -> str:
+    count = len(problems)
+    lines = [f"{count} problem{'s' if count != 1 else ''} in {source_dir}; nothing was added:"]
+    lines += [f"  - {problem}" for problem in problems]
+    return "\n".join(lines)
+
+
+def _link_without_clobbering(tmp: Path, destination: Path) -> Path:
+    """Give `tmp` the first free name from `destination` on: a hard link never replaces a file."""
+    while True:
+        try:
+            os.link(tmp, destination)
+            return destination
+        except FileExistsError:
+            destination = _free_name(destination.parent, destination.name, set())
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A file system without hard links: a rename, checked just before.
+            destination = _free_name(destination.parent, destination.name, set())
+            os.rename(tmp, destination)
+            return destination
+
+
+def copy_image(copy: Copy) -> Path:
+    """Write one image under a temporary name, then give it its final name; return that name."""
+    copy.destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(copy.destination)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(copy.data)
+            f.flush()
+            os.fsync(f.fileno())
+        return _link_without_clobbering(tmp, copy.destination)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _tracked_path(dvc_file: Path) -> str:
+    try:
+        outs = yaml.safe_load(dvc_file.read_text()).get("outs") or []
+        return str(outs[0]["path"])
+    except (OSError, yaml.YAMLError, AttributeError, LookupError, TypeError) as exc:
+        raise AddDataError(f"{dvc_file}: cannot read the tracked path: {exc!r}") from None
+
+
+def check_dvc_file(root: Path, extra_dir: Path) -> Path:
+    """data.dvc, after making sure that it tracks `extra_dir` (else the commit would miss it)."""
+    dvc_file = root / EXTRA_DVC_FILE
+    try:
+        relative = extra_dir.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise AddDataError(
+            f"data.extra_dir {extra_dir} is outside the repository {root}, so "
+            f"{EXTRA_DVC_FILE} cannot track it"
+        ) from None
+    if not dvc_file.is_file():
+        raise AddDataError(f"{dvc_file} not found; create it once with `dvc add {relative}`")
+    tracked = _tracked_path(dvc_file).rstrip("/")
+    if Path(tracked) != Path(relative):
+        raise AddDataError(
+            f"{dvc_file} tracks {tracked!r}, but data.extra_dir is {relative!r}"
+        )
+    return dvc_file
+
+
+def _summary(labels: Sequence[int], class_names: Sequence[str]) -> str:
+    counts = Counter(labels)
+    return ", ".join(f"{class_folder_name(label, class_names)}: {counts[label]}"
+                     for label in sorted(counts))
+
+
+def add(source_dir: Path, params: Path) -> int:
+    """The whole command; returns the exit code."""
+    root = find_repo_root(params.absolute().parent)
+    try:
+        data = config.load(params).data
+    except config.ConfigError as exc:
+        raise AddDataError(str(exc)) from None
+    extra_dir = root / data.extra_dir
+    source_dir = source_dir.absolute()
+    if source_dir.resolve() == extra_dir.resolve() or extra_dir.resolve() in (
+        source_dir.resolve().parents
+    ):
+        raise AddDataError(f"{source_dir} is inside the extra folder {extra_dir} already")
+    dvc_file = check_dvc_file(root, extra_dir)
+
+    plan = make_plan(source_dir, extra_dir, data.class_names)
+    for source, existing in plan.skipped:
+        print(f"add_data: skipped {source}: same image as {existing}")
+    added = []
+    for copy in plan.copies:
+        try:
+            final = copy_image(copy)
+        except OSError as exc:
+            raise AddDataError(
+                f"copying {copy.source} to {copy.destination.parent} failed: {exc}. "
+                f"{len(added)} images were copied before it; running the command again skips "
+                "them and copies the rest"
+            ) from None
+        added.append(copy.label)
+        renamed = f" (renamed: {copy.source.name} was taken)" if final.name != copy.source.name \
+            else ""
+        print(f"add_data: {copy.source} -> {final.relative_to(root)}{renamed}")
+    summary = _summary(added, data.class_names)
+    print(f"add_data: added {len(added)} image{'s' if len(added) != 1 else ''}"
+          + (f" ({summary})" if added else "")
+          + f", skipped {len(plan.skipped)} already present")
+
+    dvc = venv_tool("dvc")
+    command = [dvc, "commit", "-f", dvc_file.name]
+    by_hand = f"cd {shlex.quote(str(root))} && dvc commit -f {dvc_file.name}"
+    try:
+        result = subprocess.run(command, cwd=root, env=child_env(), capture_output=True,
+                                text=True)
+    except OSError as exc:
+        raise AddDataError(f"cannot run dvc: {exc}. The images are in place; finish with: "
+                           f"{by_hand}") from None
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise AddDataError(
+            f"`dvc commit -f {dvc_file.name}` failed (exit code {result.returncode}):\n{detail}\n"
+            f"The images are in place in {extra_dir}; once the cause is fixed, finish with:\n"
+            f"  {by_hand}"
+        )
+    try:
+        remotes = dvc_remotes(root)
+    except CommandError:
+        remotes = []
+    print(f"add_data: {dvc_file.name} updated (dvc commit -f {dvc_file.name}). To share:")
+    message = f"Add {len(added)} labelled images ({summary})" if added else \
+        "Update the extra labelled images"
+    print(f"  git add {dvc_file.name} && git commit -m {shlex.quote(message)}")
+    if remotes:
+        print("  dvc push")
+    else:
+        print("  (no DVC remote configured: the images are only in this machine's DVC cache; "
+              "add one with `dvc remote add -d <name> <url>`, then `dvc push`)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.add_data",
+        description="Add a folder of labelled PNGs (DIR/<class>/*.png) to data.extra_dir "
+                    "and record it in data.dvc.",
+        epilog="Exit codes: 0 added (or all already present), 1 invalid input or failure.",
+    )
+    parser.add_argument("dir", type=Path, help="folder with one subfolder of PNGs per class")
+    parser.add_argument("--params", type=Path, default=Path(config.PARAMS_FILE),
+                        help="composed parameter file; its directory (or a parent) holds dvc.yaml")
+    args = parser.parse_args(argv)
+    try:
+        return add(args.dir, args.params)
+    except (AddDataError, CommandError) as exc:
+        print(f"add_data: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"add_data: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""Classify images with a trained model: the champion by default, or any version, run or file.
+
+Usage: python -m pipeline.predict INPUT... [--model URI] [--top-k K] [--json]
+                                  [--params params.yaml]
+(`pipeline.predict` calls this module, `pipeline.commands.predict`.)
+
+INPUT, any number and mix of:
+- a PNG file: one 28x28 8-bit grayscale image, checked with the rules of the extra images;
+- an IDX image file, gzipped or not, like the Fashion-MNIST archives (`t10k-images-idx3-ubyte.gz`);
+- a NumPy `.npy` array of shape (n, 784) or (n, 28, 28): uint8, or any integer or float dtype
+  whose values are integers in 0..255.
+
+--model: `models:/<name>@<alias>` (default: `models:/<mlflow.registered_model>@champion`),
+`models:/<name>/<version>`, `runs:/<run id>/model`, or the path of a `.skops` file such as
+`models/model.skops`. The MLflow store is $MLFLOW_TRACKING_URI, else `mlflow.tracking_uri` of the
+parameter file: the stages' rule. Predicting never writes to the store, and MLflow (several
+seconds to import) is only imported for `models:/` and `runs:/` URIs.
+
+Output: one row per image (its file, with `[index]` for the images of an IDX or .npy file), the
+most probable classes and their probabilities as an aligned table; with --json a JSON list, one
+image per line: {"source": file, "index": position in the file (null for a PNG), "predictions":
+[{"class", "label", "probability"}, ...]}. The model used is named on stderr.
+
+Exit codes: 0 done; 1 an unreadable or invalid input or parameter file (every bad input is
+named); 2 bad usage; 3 the model or the MLflow store cannot be found or loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from pipeline.core.extra import read_png
+from pipeline.core.idx import IMAGE_SHAPE, IdxFormatError, read_idx
+from pipeline.support import config, models, store
+
+EXIT_INPUT = 1
+EXIT_MODEL = 3
+N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NPY_MAGIC = b"\x93NUMPY"
+
+
+class InputError(ValueError):
+    """An input file that cannot be classified; the message names the file."""
+
+
+class ModelError(RuntimeError):
+    """The model or its store cannot be found or used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The images of one input file, flattened to (n, 784) uint8 as the model expects."""
+
+    source: str
+    images: np.ndarray
+    single: bool  # one image per file (PNG): shown without an index
+
+
+# --- Inputs ---------------------------------------------------------------------------------
+
+
+def _as_pixels(path: Path, array: np.ndarray) -> np.ndarray:
+    """uint8 (n, 784) from an array of pixel values; InputError says which value is wrong."""
+    flat_layout = array.ndim == 2 and array.shape[1] == N_PIXELS
+    if not (flat_layout or array.ndim == 3 and array.shape[1:] == IMAGE_SHAPE):
+        raise InputError(f"{path}: array of shape {array.shape}, expected (n, 784) or (n, 28, 28)")
+    flat = array.reshape(len(array), N_PIXELS)
+    if len(flat) == 0:
+        raise InputError(f"{path}: the array holds no images")
+    if flat.dtype == np.uint8:
+        return flat
+    kind = flat.dtype.kind
+    if kind not in "iuf":  # bool, complex, strings, dates...
+        raise InputError(f"{path}: dtype {flat.dtype} is not a pixel type; expected uint8, or "
+                         "integer values 0..255 in an integer or float array")
+    bad = (flat < 0) | (flat > 255)
+    if kind == "f":
+        bad |= ~np.isfinite(flat) | (flat != np.round(flat))
+    if bad.any():
+        image, pixel = np.argwhere(bad)[0]
+        raise InputError(f"{path}: pixel values must be integers in 0..255 ({flat.dtype}); image "
+                         f"{image} has {flat[image, pixel].item()!r} at pixel {pixel}")
+    return flat.astype(np.uint8)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # object arrays, bad header, truncation
+        raise InputError(f"{path}: not a readable .npy array: {exc}") from None
+    if not isinstance(array, np.ndarray):  # np.load opened a .npz archive
+        array.close()
+        raise InputError(f"{path}: a .npz archive, expected one array saved with numpy.save")
+    return _as_pixels(path, array)
+
+
+def read_input(source: str) -> Batch:
+    """The images of one input file, whichever of the accepted formats it is in."""
+    path = Path(source)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; pass the image files themselves, e.g. {path}/*.png")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PNG_SIGNATURE))
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".png" or head.startswith(PNG_SIGNATURE):
+        try:
+            return Batch(source, read_png(path).reshape(1, N_PIXELS), single=True)
+        except ValueError as exc:  # read_png names the file
+            raise InputError(str(exc)) from None
+    if suffix == ".npy" or head.startswith(NPY_MAGIC):
+        return Batch(source, _read_npy(path), single=False)
+    try:
+        images = read_idx(path, kind="images")
+    except IdxFormatError as exc:
+        hint = ("; expected a PNG image, a .npy array or an IDX image file"
+                if "bad magic number" in str(exc) or "not a gzip file" in str(exc) else "")
+        raise InputError(f"{exc}{hint}") from None
+    if len(images) == 0:
+        raise InputError(f"{path}: the IDX file holds no images")
+    return Batch(source, images.reshape(len(images), N_PIXELS), single=False)
+
+
+def read_inputs(sources: Sequence[str]) -> list[Batch]:
+    """All inputs, or InputError listing every bad one: fix them all in one go."""
+    batches, problems = [], []
+    for source in sources:
+        try:
+            batches.append(read_input(source))
+        except InputError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise InputError("\n".join(problems))
+    return batches
+
+
+# --- The model ------------------------------------------------------------------------------
+
+
+def check_store(uri: str) -> None:
+    """A local store must exist: MLflow would create an empty one and report a missing model."""
+    path = store.local_store_path(uri)
+    if not store.is_local(uri):
+        return  # a tracking server: MLflow itself reports a connection failure
+    if path is None or not path.exists():
+        where = path.absolute() if path is not None else "memory"
+        raise ModelError(f"no MLflow store at {where} (tracking URI {uri}): train a model first "
+                         "with `make train`, run from the project root, or set "
+                         "MLFLOW_TRACKING_URI")
+
+
+def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
+    """The registry entry a `models:/` URI names, or ModelError saying what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    reference = uri.removeprefix("models:/")
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        version = None
+    elif "/" in reference:
+        name, version = reference.split("/", 1)
+        alias = None
+    else:
+        return None  # a logged model id (models:/m-...): MLflow resolves it
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
+                             "register one with `make train`") from None
+        raise
+    if alias is not None:
+        aliases = registered.aliases or {}
+        if alias not in aliases:
+            if alias == store.CHAMPION:
+                raise ModelError(f"no champion yet for {name!r} in {tracking_uri}: "
+                                 "run `make train`")
+            known = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
+            raise ModelError(f"{name!r} has no alias {alias!r} (aliases: {known or 'none'})")
+        return client.get_model_version(name, str(aliases[alias]))
+    if not version.isdigit():
+        return None  # `latest` or a stage: MLflow resolves it
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if int(version) not in versions:
+        raise ModelError(f"{name!r} has no version {version} "
+                         f"(versions: {', '.join(map(str, versions)) or 'none'})")
+    return client.get_model_version(name, version)
+
+
+def _load_from_mlflow(uri: str, tracking_uri: str) -> tuple[Any, str]:
+    store.quiet_mlflow()
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    description = load_uri = uri
+    try:
+        if uri.startswith("models:/"):
+            version = _registered_version(MlflowClient(), uri, tracking_uri)
+            if version is not None:  # load what was resolved, even if an alias moves meanwhile
+                description = f"{uri} (version {version.version}, run {version.run_id})"
+                load_uri = f"models:/{version.name}/{version.version}"
+        model = mlflow.sklearn.load_model(load_uri)
+    except ModelError:
+        raise
+    except Exception as exc:  # MLflow, SQLAlchemy, skops and the network fail in many ways
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise ModelError(f"cannot load {uri} from {tracking_uri}: {message}") from None
+    return model, description
+
+
+def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
+    """The estimator `uri` names, and a description of it for the user."""
+    if urlsplit(uri).scheme in ("models", "runs"):
+        tracking_uri = store.tracking_uri(mlflow_cfg)
+        check_store(tracking_uri)
+        return _load_from_mlflow(uri, tracking_uri)
+    path = Path(uri)
+    try:
+        return models.load(path), str(path)
+    except models.ModelFileError as exc:
+        hint = ("" if path.suffix == ".skops" else
+                "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
+                "runs:/<run id>/model or a .skops file")
+        raise ModelError(f"{exc}{hint}") from None
+
+
+def check_model(model: Any, class_names: Sequence[str]) -> np.ndarray:
+    """The model's labels, after checking that it fits the images and the class names."""
+    if not hasattr(model, "predict_proba") or not hasattr(model, "classes_"):
+        raise ModelError(f"{type(model).__name__} has no predict_proba or classes_: not a "
+                         "classifier this pipeline trained")
+    labels = np.asarray(model.classes_)
+    if (labels.dtype.kind not in "iu" or labels.min() < 0
+            or labels.max() >= len(class_names)):
+        raise ModelError(f"the model's labels {labels.tolist()} are not indices into the "
+                         f"{len(class_names)} data.class_names of the parameter file")
+    features = getattr(model, "n_features_in_", N_PIXELS)
+    if features != N_PIXELS:
+        raise ModelError(f"the model expects {features} features, not {N_PIXELS} pixels")
+    return labels
+
+
+# --- Predictions and their display ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    index: int | None  # position in an IDX or .npy file; None for a PNG
+    ranked: list[tuple[int, float]]  # (label, probability), most probable first
+
+    @property
+    def source(self) -> str:
+        return self.file if self.index is None else f"{self.file}[{self.index}]"
+
+    def record(self, class_names: Sequence[str]) -> dict[str, Any]:
+        return {"source": self.file, "index": self.index, "predictions": [
+            {"class": class_names[label], "label": label, "probability": probability}
+            for label, probability in self.ranked]}
+
+
+def predict(model: Any, labels: np.ndarray, batches: Sequence[Batch],
+            top_k: int) -> list[Prediction]:
+    """Top-k per image; the first is `predict_proba(X).argmax(1)`, as in the evaluate stage."""
+    proba = model.predict_proba(np.concatenate([batch.images for batch in batches]))
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+    results, row = [], 0
+    for batch in batches:
+        for index in range(len(batch.images)):
+            ranked = [(int(labels[column]), float(proba[row, column])) for column in order[row]]
+            results.append(Prediction(batch.source, None if batch.single else index, ranked))
+            row += 1
+    return results
+
+
+def format_json(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
+    """A JSON list with one image per line: valid JSON that grep and head still handle."""
+    lines = [json.dumps(p.record(class_names)) for p in predictions]
+    return "[\n" + ",\n".join(lines) + "\n]"
+
+
+def format_table(predictions: Sequence[Prediction], class_names: Sequence[str]) -> str:
+    """Aligned columns; with top-k, `Shirt 0.6100, T-shirt/top 0.2200, ...` aligned by rank."""
+    sources = [p.source for p in predictions]
+    width = max(len("source"), *map(len, sources))
+    top_k = len(predictions[0].ranked)
+    names = [[class_names[label] for label, _ in p.ranked] for p in predictions]
+    if top_k == 1:
+        name_width = max(len("class"), *(len(n[0]) for n in names))
+        lines = [f"{'source':<{width}}  {'class':<{name_width}}  probability"]
+        lines += [f"{p.source:<{width}}  {n[0]:<{name_width}}  {p.ranked[0][1]:>11.4f}"
+                  for p, n in zip(predictions, names, strict=True)]
+        return "\n".join(lines)
+    widths = [max(len(n[rank]) for n in names) for rank in range(top_k)]
+    lines = [f"{'source':<{width}}  top {top_k} classes with their probabilities"]
+    for p, n in zip(predictions, names, strict=True):
+        cells = [f"{n[rank]:<{widths[rank]}} {p.ranked[rank][1]:.4f}" for rank in range(top_k)]
+        lines.append(f"{p.source:<{width}}  " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.predict",
+        description="Classify Fashion-MNIST images (PNG, IDX or .npy files) with a trained model.",
+        epilog="Exit codes: 0 done, 1 invalid input or parameter file, 2 bad usage, "
+               f"{EXIT_MODEL} model or MLflow store not found or not loadable.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="PNG (28x28 grayscale), IDX image file (.gz or raw) or .npy array")
+    parser.add_argument("--model", default=None,
+                        help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model "
+                             "or a .skops file (default: models:/<registered model>@champion)")
+    parser.add_argument("--top-k", type=int, default=1, metavar="K",
+                        help="show the K most probable classes (default: 1)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.add_argument("--params", default=config.PARAMS_FILE,
+                        help="composed parameter file, for the class names and the MLflow store")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.params)
+    except config.ConfigError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    class_names = list(cfg.data.class_names)
+    if not 1 <= args.top_k <= len(class_names):
+        parser.error(f"--top-k must be between 1 and {len(class_names)}")
+    try:
+        batches = read_inputs(args.inputs)
+    except InputError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    uri = args.model or store.model_uri(cfg.mlflow)
+    try:
+        model, description = load_model(uri, cfg.mlflow)
+        labels = check_model(model, class_names)
+    except ModelError as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    predictions = predict(model, labels, batches, args.top_k)
+    print(f"predict: {len(predictions)} image{'s' if len(predictions) != 1 else ''}, "
+          f"model {description}", file=sys.stderr)
+    text = (format_json if args.json else format_table)(predictions, class_names)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The DVC stages, one module each (`python -m pipeline.stages.<name>`); none imports another."""

@@ -1,0 +1,37 @@
+"""The command line every DVC stage shares: read params.yaml, connect, run, report in one line.
+
+A stage's `main` hands its work to `stage_main`; expected errors (bad configuration or input, a
+missing run or model file, a store that cannot be reached) become one `<stage>: error: ...` line
+and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.support import config, store, tracking
+
+
+def stage_main(
+    name: str, description: str, argv: Sequence[str] | None,
+    body: Callable[[config.Config], str], tracked: bool = True,
+) -> int:
+    """Parse `--params`, load and check it, connect to MLflow if `tracked`, print `body(cfg)`."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}",
+                                     description=description)
+    parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
+    args = parser.parse_args(argv)
+    tracking.fail_runs_on_sigterm()
+    try:
+        cfg = config.load(args.params)
+        if tracked:
+            store.connect(cfg.mlflow)
+        message = body(cfg)
+    except tracking.expected_errors() as exc:
+        print(f"{name}: error: {tracking.explain(exc)}", file=sys.stderr)
+        return 1
+    if message:
+        print(message)
+    return 0

@@ -1,0 +1,88 @@
+"""Which MLflow tracking store and registered model the project uses: one rule for every command.
+
+The store is `mlflow.tracking_uri` of the configuration unless $MLFLOW_TRACKING_URI is set, as
+everywhere in MLflow. Stages, predict, serve, ui, retrain and register's lock all ask here, so
+renaming the registered model or moving the store in `conf/` moves every command with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.support.config import MlflowConfig
+from pipeline.support.workspace import project_root
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+# Before mlflow is imported: no telemetry, no progress bars in DVC's logs, and a tracking server
+# that is down fails in seconds instead of minutes of retries with back-off.
+_MLFLOW_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The file or folder behind a local tracking URI (sqlite or file store); None for a server."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme == "sqlite":
+        database = parts.path[1:]  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+        return Path(database) if database and database != ":memory:" else None
+    if parts.scheme in ("", "file"):
+        return Path(parts.path)
+    return None
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """$MLFLOW_TRACKING_URI, else the configured store; a relative sqlite file is the project's.
+
+    Anchored at the project root so that `dvc exp run --temp` and `--queue`, which run the
+    stages in a copy under .dvc/tmp/exps/, log to the project's store and registry.
+    """
+    uri = os.environ.get(TRACKING_URI_ENV) or cfg.tracking_uri
+    store = local_store_path(uri)
+    if urlsplit(uri).scheme == "sqlite" and store is not None and not store.is_absolute():
+        root = project_root()
+        if root != Path.cwd().absolute():
+            return f"sqlite:///{root / store}"
+    return uri
+
+
+def is_local(uri: str) -> bool:
+    return urlsplit(uri).scheme in ("sqlite", "file", "")
+
+
+def model_uri(cfg: MlflowConfig, alias: str = CHAMPION) -> str:
+    """`models:/<registered model>@<alias>`: the champion unless another alias is named."""
+    return f"models:/{cfg.registered_model}@{alias}"
+
+
+def quiet_mlflow() -> None:
+    """The defaults above, and MLflow's INFO chatter off; call before the first mlflow import."""
+    for key, value in _MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # uv's virtualenvs have no pip; MLflow warns about it on every logged model.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+
+
+def connect(cfg: MlflowConfig, experiment: bool = True) -> str:
+    """Point MLflow at the project's store (and experiment); returns the tracking URI."""
+    quiet_mlflow()
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if experiment:
+        mlflow.set_experiment(cfg.experiment)
+    return uri
