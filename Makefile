@@ -54,8 +54,9 @@ train: params ## Run the whole pipeline (download, split, train, evaluate, regis
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
 
-serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=models:/...)
-	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
+serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=models:/..., MAX_BODY_MB=16)
+	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)") \
+		$(if $(MAX_BODY_MB),--max-body-mb $(MAX_BODY_MB))
 
 predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }

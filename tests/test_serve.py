@@ -195,6 +195,8 @@ def test_top_k_on_request_and_images_as_28_by_28(repo: Repo, server: str) -> Non
     ([[255.9] * 784], "found floats"),
     ([[7] * 783 + [True]], "found booleans"),
     ([["7"] * 784], "found strings"),
+    ([[None] * 784], "found nulls"),
+    ([[10**30] * 784], f"image 0 has {10**30} at pixel 0"),
     ([], "no images"),
     ([[0] * 784, [0] * 783], "images of different shapes"),
 ])

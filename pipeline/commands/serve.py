@@ -111,7 +111,9 @@ class Gate:
             return body, (400, "expected a JSON object with `inputs` (or `instances`) and "
                                f"optionally `params`, got keys {keys}")
         try:
-            images = serving.check_pixels(request[data_keys[0]])
+            # JSON true/false anywhere in the body sends the pixels to the exact type check.
+            images = serving.check_pixels(request[data_keys[0]],
+                                          may_hold_booleans=b"true" in body or b"false" in body)
             serving.check_top_k(request.get("params"))
         except serving.PixelError as exc:
             return body, (400, str(exc))

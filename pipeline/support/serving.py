@@ -51,31 +51,51 @@ def signature() -> Any:
         params=types.ParamSchema([types.ParamSpec("top_k", DataType.long, 1)]))
 
 
-def check_pixels(inputs: Any) -> np.ndarray:
-    """uint8 (n, 784) from a request's JSON `inputs`; PixelError says what is wrong, in one line."""
+def check_pixels(inputs: Any, may_hold_booleans: bool = True) -> np.ndarray:
+    """uint8 (n, 784) from a request's JSON `inputs`; PixelError says what is wrong, in one line.
+
+    numpy reads a list of Python ints and bools as int64 (True as 1), so the fast path, one C
+    conversion, is only taken when the caller knows the request holds no JSON true/false; any
+    other request gets the exact check of each value's type.
+    """
     if not isinstance(inputs, list) or not inputs:
         raise PixelError("no images: `inputs` must be a non-empty list of images")
-    try:
-        array = np.array(inputs, dtype=object)
-    except ValueError:  # nested rows of different lengths
-        raise PixelError("images of different shapes: expected (n, 784) or (n, 28, 28)") from None
-    kinds = set(map(type, array.ravel().tolist()))
-    if list in kinds:  # numpy keeps rows of different lengths as lists
-        raise PixelError("images of different shapes: expected (n, 784) or (n, 28, 28)")
+    array = None
+    if not may_hold_booleans:
+        try:
+            array = np.asarray(inputs)
+        except (ValueError, OverflowError):  # ragged, or an integer beyond 64 bits
+            array = None
+    if array is None or array.dtype.kind not in "iu":
+        array = _exact_integers(inputs)
     if not (array.ndim == 2 and array.shape[1] == N_PIXELS
             or array.ndim == 3 and array.shape[1:] == IMAGE_SHAPE):
         raise PixelError(f"shape {array.shape}: expected (n, 784) or (n, 28, 28)")
-    if kinds != {int}:
-        names = {bool: "booleans", float: "floats", str: "strings"}
-        found = ", ".join(sorted(names.get(kind, kind.__name__) for kind in kinds - {int}))
-        raise PixelError(f"pixels must be JSON integers 0-255, found {found}")
-    flat = array.reshape(len(array), N_PIXELS).astype(np.int64)
+    flat = array.reshape(len(array), N_PIXELS)
     bad = (flat < 0) | (flat > 255)
     if bad.any():
         image, pixel = np.argwhere(bad)[0]
         raise PixelError(f"pixels must be integers 0-255: image {image} has {flat[image, pixel]} "
                          f"at pixel {pixel}")
     return flat.astype(np.uint8)
+
+
+def _exact_integers(inputs: list) -> np.ndarray:
+    """The pixels as an object array of Python ints, refusing any other JSON type by name."""
+    different = PixelError("images of different shapes: expected (n, 784) or (n, 28, 28)")
+    try:
+        array = np.array(inputs, dtype=object)
+    except ValueError:  # nested rows of different lengths
+        raise different from None
+    kinds = set(map(type, array.ravel().tolist()))
+    if list in kinds:  # numpy keeps rows of different lengths as lists
+        raise different
+    if kinds != {int}:
+        names = {bool: "booleans", float: "floats", str: "strings", dict: "objects",
+                 type(None): "nulls"}
+        found = ", ".join(sorted(names.get(kind, kind.__name__) for kind in kinds - {int}))
+        raise PixelError(f"pixels must be JSON integers 0-255, found {found}")
+    return array  # Python ints, compared exactly: 10**30 is out of range, not an overflow
 
 
 def check_top_k(params: dict[str, Any] | None) -> int:
@@ -98,7 +118,7 @@ class ServedModel:
         top_k = check_top_k(params)
         images = np.asarray(model_input)
         if images.dtype != np.uint8:
-            images = check_pixels(images.tolist())
+            images = check_pixels(images.tolist(), may_hold_booleans=images.dtype == bool)
         elif images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE:
             images = images.reshape(len(images), N_PIXELS)
         proba = self.estimator.predict_proba(images)
