@@ -1,7 +1,8 @@
-"""Serving the champion over HTTP, as `make serve` does: `mlflow models serve` on 127.0.0.1.
+"""Serving the champion over HTTP: `make serve` (MLflow's scoring app behind the strict gate) and
+plain `mlflow models serve` on the same registered model, both real processes on 127.0.0.1.
 
-The server runs against the MLflow store of a repository copy after `dvc repro` (shared with
-tests/test_predict.py), in its own process group, which teardown kills and checks is gone.
+The servers run against the MLflow store of a repository copy after `dvc repro` (shared with
+tests/test_predict.py), each in its own process group, which teardown kills and checks is gone.
 """
 
 from __future__ import annotations
