@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-VENV := .venv
+# `make setup PYTHON_VERSION=3.13` builds the venv with that interpreter, found on PATH (uv never
+# downloads one); VENV=.venv-3.13 keeps it beside the default one (then pass VENV= to every target).
+VENV ?= .venv
+PYTHON_VERSION ?=
 BIN := $(abspath $(VENV))/bin
 # uv from PATH; otherwise a private copy in .tools/ (a venv, so it also works where the system
 # Python refuses `pip install`, PEP 668).
@@ -16,6 +19,8 @@ RETRAIN_ARGS ?=
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
 export PATH := $(BIN):$(PATH)
 export UV_COMPILE_BYTECODE := 1
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
@@ -25,13 +30,15 @@ export DO_NOT_TRACK := 1
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.installed: pyproject.toml uv.lock
+STAMP := $(VENV)/.installed$(if $(PYTHON_VERSION),-$(PYTHON_VERSION))
+
+$(STAMP): pyproject.toml uv.lock
 	@command -v $(UV) >/dev/null 2>&1 || { python3 -m venv .tools/uv \
 		&& .tools/uv/bin/pip install --quiet uv; }
-	$(UV) sync --frozen
+	$(UV) sync --frozen $(if $(PYTHON_VERSION),--python $(PYTHON_VERSION))
 	@touch $@
 
-setup: $(VENV)/.installed ## Create .venv from the lock file (idempotent)
+setup: $(STAMP) ## Create .venv from the lock file (PYTHON_VERSION=3.13, VENV=.venv-3.13)
 	@mkdir -p data/extra
 
 params: setup ## Compose conf/ into params.yaml (what `dvc exp run` does)
@@ -47,8 +54,9 @@ train: params ## Run the whole pipeline (download, split, train, evaluate, regis
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
 
-serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=..., MODEL=models:/...)
-	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)")
+serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=models:/..., MAX_BODY_MB=16)
+	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)") \
+		$(if $(MAX_BODY_MB),--max-body-mb $(MAX_BODY_MB))
 
 predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.commands import params
@@ -50,3 +51,28 @@ def test_invalid_composition_is_refused_and_nothing_written(tmp_path, monkeypatc
     assert "model.learning_rate=-1 is invalid" in capsys.readouterr().err
     assert params.main(["model.nonsense=1"]) == 1
     assert (tmp_path / "params.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("group", ["softmax", "sklearn_logreg"])
+def test_a_run_logs_at_most_25_scalar_parameters(group: str) -> None:
+    """What MLflow's compare page lists: the knobs, not class-name lists, mirrors or checksums."""
+    from pipeline.support import tracking
+
+    cfg = config.validate(yaml.safe_load(params.compose(REPO_ROOT, [f"model={group}"])))
+    spec = models.check_params(cfg.model)
+    logged = tracking.run_params(cfg, spec.all_params, spec.target)
+    assert len(logged) <= 25
+    assert all(isinstance(value, (str, int, float, bool, type(None)))
+               for value in logged.values()), logged
+    assert {"data.val_size", "data.seed", "mlflow.promotion.metric"} <= set(logged)
+    assert not [key for key in logged if key.startswith("data.") and key not in (
+        "data.val_size", "data.seed")]
+
+
+def test_dvc_experiment_tags_only_inside_dvc_exp_run() -> None:
+    from pipeline.support import tracking
+
+    assert tracking.dvc_experiment_tags({}) == {}
+    assert tracking.dvc_experiment_tags(
+        {"DVC_EXP_NAME": "fined-dogy", "DVC_EXP_BASELINE_REV": "64bba2f"}) == {
+        "dvc_exp_name": "fined-dogy", "dvc_exp_baseline_rev": "64bba2f"}

@@ -35,6 +35,18 @@ def test_first_run_trains_evaluates_and_registers_a_champion(repo: Repo) -> None
     assert run.data.tags["model"] == "softmax"
     assert float(params["model.learning_rate"]) == repo.params()["model"]["learning_rate"]
     assert params["data.val_size"] == "120"
+    # Comparable runs: only the scalars that describe the run, no lists, URLs or checksums.
+    assert len(params) <= 25
+    assert not [key for key, value in params.items() if value.startswith("[")]
+    assert {"data.seed", "mlflow.promotion.metric", "mlflow.promotion.min_improvement"} <= set(
+        params)
+    assert not [key for key in params if "md5" in key or "mirror" in key or "class_names" in key]
+    note = run.data.tags["mlflow.note.content"]
+    assert run.info.run_name in note and "softmax trained on" in note
+    assert f"test_accuracy {run.data.metrics['test_accuracy']:.4f}" in note
+    assert "version 1, promoted to `champion` on test_accuracy: no champion yet" in note
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert "DVC pipeline" in experiment.tags["mlflow.note.content"]
     assert run.data.tags["source"] == "dvc"
     assert len(run.data.tags["git_commit"]) == 40
     assert run.data.tags["data_raw_md5"].endswith(".dir")
@@ -73,7 +85,10 @@ def test_champion_loads_and_predicts(repo: Repo) -> None:
     model = mlflow.sklearn.load_model(uri)
     assert np.mean(model.predict(X) == y) > 0.9
     assert np.allclose(model.predict_proba(X[:5]).sum(axis=1), 1.0)
-    assert np.array_equal(mlflow.pyfunc.load_model(uri).predict(X[:20]), model.predict(X[:20]))
+    served = mlflow.pyfunc.load_model(uri).predict(X[:20], params={"top_k": 2})
+    assert np.array_equal(served["class"], model.predict(X[:20]))
+    assert np.allclose(served["probability"], model.predict_proba(X[:20]).max(axis=1))
+    assert [len(row) for row in served["top_classes"]] == [2] * 20
 
 
 def test_dvc_outputs_for_metrics_and_plots(repo: Repo) -> None:
@@ -143,6 +158,15 @@ def test_dvc_exp_run_with_set_param_and_group_override(repo: Repo) -> None:
     repo.dvc("exp", "run", "-S", "model.learning_rate=0.05")
     run = client.get_run(repo.json("models/run.json")["run_id"])
     assert run.data.params["model.learning_rate"] == "0.05"
+    # The row of `dvc exp show` and its MLflow run carry the same experiment name.
+    exp_name = run.data.tags["dvc_exp_name"]
+    baseline = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert run.data.tags["dvc_exp_baseline_rev"] == baseline
+    assert f"DVC experiment `{exp_name}`" in run.data.tags["mlflow.note.content"]
+    listed = repo.dvc("exp", "show", "--json").stdout
+    assert f'"name": "{exp_name}"' in listed
+    found = client.search_runs([run.info.experiment_id], f"tags.dvc_exp_name = '{exp_name}'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
     repo.dvc("exp", "run", "-S", "model=sklearn_logreg", "-S", "model.max_iter=30")
     run = client.get_run(repo.json("models/run.json")["run_id"])
     assert run.data.tags["model"] == "sklearn_logreg"

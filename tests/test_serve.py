@@ -1,7 +1,8 @@
-"""Serving the champion over HTTP, as `make serve` does: `mlflow models serve` on 127.0.0.1.
+"""Serving the champion over HTTP: `make serve` (MLflow's scoring app behind the strict gate) and
+plain `mlflow models serve` on the same registered model, both real processes on 127.0.0.1.
 
-The server runs against the MLflow store of a repository copy after `dvc repro` (shared with
-tests/test_predict.py), in its own process group, which teardown kills and checks is gone.
+The servers run against the MLflow store of a repository copy after `dvc repro` (shared with
+tests/test_predict.py), each in its own process group, which teardown kills and checks is gone.
 """
 
 from __future__ import annotations
@@ -77,35 +78,57 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     return trained_repo(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+def _start(command: list[str], repo: Repo, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start a server in its own process group; returns it and its URL once /ping answers."""
     env = {**repo.env, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    port = _free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            [part.replace("{port}", str(port)) for part in command],
             cwd=repo.root, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            _stop(process)
+            pytest.fail(f"{command[:3]} exited {process.returncode}:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        try:
+            if _request(f"{url}/ping")[0] == 200:
+                return process, url
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            _stop(process)
+            pytest.fail(f"no answer on {url}/ping after {STARTUP_TIMEOUT:.0f} s:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make serve`: the champion behind the strict gate, with a 1 MB body limit."""
+    process, url = _start(
+        [str(BIN / "python"), "-m", "pipeline.commands.serve", "--port", "{port}",
+         "--max-body-mb", "1"],
+        repo, tmp_path_factory.mktemp("serve") / "serve.log")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mlflow models serve exited {process.returncode}:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            try:
-                if _request(f"{url}/ping")[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no answer on {url}/ping after {STARTUP_TIMEOUT:.0f} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Plain `mlflow models serve` on the registered champion: the pyfunc flavor as logged."""
+    process, url = _start(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"],
+        repo, tmp_path_factory.mktemp("mlflow-serve") / "serve.log")
+    try:
         yield url
     finally:
         _stop(process)
@@ -120,22 +143,112 @@ def test_ping(server: str) -> None:
     assert _request(f"{server}/ping")[0] == 200
 
 
-def test_invocations_answer_what_the_champion_predicts(repo: Repo, server: str) -> None:
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot"]
+
+
+def _expected(repo: Repo, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     registration = repo.json("models/registration.json")
     assert registration["champion_after"]["run_id"] == repo.json("models/run.json")["run_id"]
     champion = models.load(repo.root / "models" / "model.skops")  # that run's model file
-    X = _test_images(repo.root)
+    return champion.predict(X), champion.predict_proba(X)
 
-    status, answer = _request(f"{server}/invocations", {"inputs": X.tolist()})
+
+@pytest.mark.parametrize("which", ["make serve", "mlflow models serve"])
+def test_invocations_answer_class_names_and_probabilities(repo: Repo, server: str,
+                                                          mlflow_server: str, which: str) -> None:
+    url = server if which == "make serve" else mlflow_server
+    X = _test_images(repo.root)
+    labels, proba = _expected(repo, X)
+
+    status, answer = _request(f"{url}/invocations", {"inputs": X.tolist()})
 
     assert status == 200, answer
-    assert answer == {"predictions": champion.predict(X).tolist()}
-    assert len(set(answer["predictions"])) > 1
+    rows = answer["predictions"]
+    assert [row["class"] for row in rows] == labels.tolist()
+    assert [row["class_name"] for row in rows] == [CLASS_NAMES[label] for label in labels]
+    assert np.allclose([row["probability"] for row in rows], proba.max(axis=1))
+    assert set(rows[0]) == {"class", "class_name", "probability"}
+    assert len(set(labels)) > 1
 
 
-def test_invocations_refuse_input_that_breaks_the_signature(server: str) -> None:
-    status, answer = _request(f"{server}/invocations", {"inputs": [[0] * 783]})
-    assert status == 400
-    assert "does not match expected shape (-1, 784)" in answer["message"]
-    status, answer = _request(f"{server}/invocations", {"inputs": [[300] * 784]})
-    assert status == 400 and "out of bounds for uint8" in answer["message"]
+def test_top_k_on_request_and_images_as_28_by_28(repo: Repo, server: str) -> None:
+    X = _test_images(repo.root)[:3]
+    _, proba = _expected(repo, X)
+
+    status, answer = _request(f"{server}/invocations",
+                              {"inputs": X.reshape(3, 28, 28).tolist(), "params": {"top_k": 3}})
+
+    assert status == 200, answer
+    for row, p in zip(answer["predictions"], proba, strict=True):
+        order = np.argsort(-p, kind="stable")[:3]
+        assert row["top_classes"] == order.tolist()
+        assert row["top_class_names"] == [CLASS_NAMES[label] for label in order]
+        assert np.allclose(row["top_probabilities"], p[order])
+        assert row["top_classes"][0] == row["class"]
+
+
+@pytest.mark.parametrize(("inputs", "reason"), [
+    ([[0] * 783], "shape (1, 783): expected (n, 784) or (n, 28, 28)"),
+    ([[300] * 784], "image 0 has 300 at pixel 0"),
+    ([[-1] * 784], "image 0 has -1 at pixel 0"),
+    ([[0.5] * 784], "found floats"),
+    ([[255.9] * 784], "found floats"),
+    ([[7] * 783 + [True]], "found booleans"),
+    ([["7"] * 784], "found strings"),
+    ([[None] * 784], "found nulls"),
+    ([[10**30] * 784], f"image 0 has {10**30} at pixel 0"),
+    ([], "no images"),
+    ([[0] * 784, [0] * 783], "images of different shapes"),
+])
+def test_invocations_refuse_what_is_not_pixels(server: str, inputs: list, reason: str) -> None:
+    status, answer = _request(f"{server}/invocations", {"inputs": inputs})
+    assert status == 400, answer
+    assert reason in answer["message"]
+    assert "\n" not in answer["message"]
+
+
+def test_bad_top_k_and_bad_json_are_refused(server: str) -> None:
+    status, answer = _request(f"{server}/invocations",
+                              {"inputs": [[0] * 784], "params": {"top_k": 11}})
+    assert status == 400 and "params.top_k=11" in answer["message"]
+    request = urllib.request.Request(f"{server}/invocations", data=b'{"inputs": [[1, 2',
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 400
+    assert "not valid JSON" in json.loads(error.value.read())["message"]
+
+
+def test_a_body_over_the_limit_gets_413_and_errors_stay_small(server: str) -> None:
+    """1 MB limit in this server; a 20 MB body of junk once came back whole in the error."""
+    junk = b'{"inputs": [[' + b"1, " * 1_000_000 + b"1]]}"
+    request = urllib.request.Request(f"{server}/invocations", data=junk,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    body = error.value.read()
+    assert error.value.code == 413
+    assert "limit of 1000000 bytes" in json.loads(body)["message"]
+    assert len(body) < 1024
+    # Just under the limit, but not pixels: refused with a short answer, not an echo.
+    status, answer = _request(f"{server}/invocations", {"inputs": [["x" * 900_000]]})
+    assert status == 400 and len(json.dumps(answer)) < 1024
+
+
+def test_the_signature_documents_the_contract(repo: Repo) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo.root / 'mlflow.db'}")
+    info = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@champion")
+    signature = info.signature.to_dict()
+    assert json.loads(signature["inputs"]) == [
+        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": [-1, 784]}}]
+    assert [column["name"] for column in json.loads(signature["outputs"])] == [
+        "class", "class_name", "probability", "top_classes", "top_class_names",
+        "top_probabilities"]
+    assert json.loads(signature["params"])[0]["name"] == "top_k"
+    flavor = info.flavors["python_function"]
+    assert flavor["class_names"] == CLASS_NAMES
+    assert "integers 0-255" in flavor["input_contract"]
+    assert info.flavors["sklearn"]["serialization_format"] == "skops"

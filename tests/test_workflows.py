@@ -134,3 +134,67 @@ def test_outcome_reaches_the_summary_and_the_commit_message(
     message = subprocess.run(["bash", "-c", 'echo "Retrain: ${OUTCOME#outcome: }"'],
                              env={"OUTCOME": outcome}, capture_output=True, text=True).stdout
     assert message.startswith("Retrain: ") and "outcome:" not in message
+
+
+# --- CI on pushes and pull requests (.github/workflows/ci.yml) and pre-commit -----------------
+
+CI = REPO_ROOT / ".github" / "workflows" / "ci.yml"
+
+
+@pytest.fixture(scope="module")
+def ci() -> dict[Any, Any]:
+    return yaml.safe_load(CI.read_text())
+
+
+def _ci_steps(ci: dict[Any, Any]) -> list[dict[str, Any]]:
+    return ci["jobs"]["test"]["steps"]
+
+
+def test_ci_runs_on_every_push_and_pull_request(ci: dict[Any, Any]) -> None:
+    triggers = _triggers(ci)
+    assert "push" in triggers and "pull_request" in triggers
+    assert ci["permissions"] == {"contents": "read"}
+
+
+def test_ci_matrix_is_python_311_to_313_as_strings(ci: dict[Any, Any]) -> None:
+    strategy = ci["jobs"]["test"]["strategy"]
+    assert strategy["matrix"]["python"] == ["3.11", "3.12", "3.13"]
+    assert strategy["fail-fast"] is False
+    [python] = [step for step in _ci_steps(ci)
+                if step.get("uses", "").startswith("actions/setup-python")]
+    assert python["with"]["python-version"] == "${{ matrix.python }}"
+    assert ci["jobs"]["test"]["env"]["UV_PYTHON_DOWNLOADS"] == "never"
+    setup = _index(_ci_steps(ci), r"^make setup")
+    assert "PYTHON_VERSION=${{ matrix.python }}" in _ci_steps(ci)[setup]["run"]
+
+
+def test_ci_caches_uv_and_the_archives(ci: dict[Any, Any]) -> None:
+    steps = _ci_steps(ci)
+    [uv] = [step for step in steps if step.get("uses", "").startswith("astral-sh/setup-uv")]
+    assert uv["with"]["enable-cache"] is True and uv["with"]["cache-dependency-glob"] == "uv.lock"
+    [cache] = [step for step in steps if step.get("uses", "").startswith("actions/cache")]
+    assert cache["with"]["path"] == "data/raw"
+    assert all(re.fullmatch(r"[\w-]+/[\w-]+@v\d+", step["uses"])
+               for step in steps if "uses" in step)
+
+
+def test_ci_lints_then_tests_with_the_real_data(ci: dict[Any, Any]) -> None:
+    steps = _ci_steps(ci)
+    order = [_index(steps, pattern) for pattern in (
+        r"^make setup", r"^make lint$", r"pipeline\.stages\.download$", r"make test$")]
+    assert order == sorted(order), "setup, lint, fetch the archives, then test"
+    # The archives come from the official mirrors (no FMNIST_MIRROR when fetching) ...
+    fetch = steps[order[2]]
+    assert "FMNIST_MIRROR" not in fetch["run"] and "FMNIST_MIRROR" not in fetch.get("env", {})
+    # ... and the test step points the real-data tests at them.
+    assert 'FMNIST_MIRROR="$GITHUB_WORKSPACE/data/raw"' in steps[order[3]]["run"]
+
+
+def test_pre_commit_runs_ruff_at_the_locked_version() -> None:
+    config = yaml.safe_load((REPO_ROOT / ".pre-commit-config.yaml").read_text())
+    [repo] = config["repos"]
+    assert repo["repo"] == "https://github.com/astral-sh/ruff-pre-commit"
+    assert [hook["id"] for hook in repo["hooks"]] == ["ruff-check"]
+    lock = (REPO_ROOT / "uv.lock").read_text()
+    locked = re.search(r'name = "ruff"\nversion = "([^"]+)"', lock).group(1)
+    assert repo["rev"] == f"v{locked}"

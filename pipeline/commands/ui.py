@@ -3,7 +3,9 @@
 Usage: python -m pipeline.commands.ui [--port 5000] [--params params.yaml]
 
 An embedded store (sqlite) gets a local `mlflow ui` on 127.0.0.1; a tracking server already has
-its UI, so its address is printed instead.
+its UI, so its address is printed instead. Either way the direct links come first: MLflow 3 opens
+on its GenAI overview, and the experiment's training runs and the champion's model version are
+several clicks away from it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,31 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import quote
 
 from pipeline.support import config, store
 from pipeline.support.workspace import child_env, venv_tool
+
+
+def links(base: str, cfg: config.Config) -> list[str]:
+    """The training-runs page of the experiment and the champion's model-version page."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return [f"no experiment {cfg.mlflow.experiment!r} yet: run `make train` first"]
+    lines = [f"training runs     {base}/#/experiments/{experiment.experiment_id}/runs"]
+    name = cfg.mlflow.registered_model
+    try:
+        champion = client.get_model_version_by_alias(name, store.CHAMPION)
+    except MlflowException:
+        lines.append(f"champion          none yet in {name!r}")
+    else:
+        lines.append(f"champion          {base}/#/models/{quote(name)}/versions/{champion.version}"
+                     f" (version {champion.version})")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,10 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"ui: error: {exc}", file=sys.stderr)
         return 1
-    uri = store.tracking_uri(cfg.mlflow)
-    if not store.is_local(uri):
-        print(f"ui: the tracking store is the server {uri}: open it in a browser "
-              f"(experiment {cfg.mlflow.experiment!r}, model {cfg.mlflow.registered_model!r})")
+    uri = store.connect(cfg.mlflow, experiment=False)
+    local = store.is_local(uri)
+    base = f"http://{args.host}:{args.port}" if local else uri.rstrip("/")
+    for line in links(base, cfg):
+        print(f"ui: {line}")
+    if not local:
+        print(f"ui: the tracking store is the server {uri}: open the links above in a browser")
         return 0
     print(f"ui: http://{args.host}:{args.port} on {uri} (Ctrl-C stops it)", flush=True)
     command = [venv_tool("mlflow"), "ui", "--backend-store-uri", uri,

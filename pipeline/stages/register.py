@@ -149,6 +149,9 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 "registered_version": str(version.version),
                 "promoted": str(promote).lower(),
                 "promotion_reason": reason,
+                tracking.NOTE: tracking.describe_outcome(
+                    run_data.tags.get(tracking.NOTE, client.get_run(run_id).info.run_name),
+                    run_data.metrics, rule.metric, name, str(version.version), promote, reason),
             })
             after = version if promote else champion
             record = {

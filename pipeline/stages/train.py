@@ -40,13 +40,11 @@ def train(cfg: config.Config, out: Outputs, source: str,
           overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Fit, record everything in a new MLflow run, write the outputs; returns the run file."""
     import mlflow
-    import mlflow.sklearn
     import pandas as pd
-    from mlflow.models import infer_signature
     from tqdm import tqdm
 
     from pipeline.core.estimator import HISTORY_KEYS
-    from pipeline.support import figures, models
+    from pipeline.support import figures, models, serving
 
     check_manifest(cfg.data.split_dir, cfg.data.val_size, cfg.data.seed,
                    {key: spec.md5 for key, spec in cfg.data.files.items()})
@@ -58,12 +56,15 @@ def train(cfg: config.Config, out: Outputs, source: str,
     commit, dirty = tracking.git_commit()
     data_version = tracking.data_version(cfg.data)
     tags = {"model": spec.kind, "source": source, "git_commit": commit,
-            "git_dirty": str(dirty).lower(), **data_version}
+            "git_dirty": str(dirty).lower(), **data_version, **tracking.dvc_experiment_tags()}
     if overrides:
         tags["hydra_overrides"] = " ".join(overrides)
+    tags[tracking.NOTE] = tracking.describe_training(spec.run_name, spec.kind, len(y), len(y_val),
+                                                     tags.get("dvc_exp_name"))
 
     with mlflow.start_run(run_name=spec.run_name, tags=tags) as run:
-        mlflow.log_params(tracking.flatten(resolved))
+        mlflow.set_experiment_tag(tracking.NOTE, tracking.EXPERIMENT_DESCRIPTION)
+        mlflow.log_params(tracking.run_params(cfg, spec.all_params, spec.target))
         mlflow.log_dict(resolved, "config/params.yaml")
         _log_inputs(cfg, {"train": (X, y), "validation": (X_val, y_val)},
                     data_version.get("split_manifest_md5"))
@@ -106,12 +107,9 @@ def train(cfg: config.Config, out: Outputs, source: str,
             mlflow.log_artifact(str(path), artifact_path="training")
 
         models.save(estimator, out.model)
-        info = mlflow.sklearn.log_model(
+        info = serving.log_model(
             estimator,
-            name="model",
-            serialization_format="skops",
-            skops_trusted_types=models.TRUSTED_TYPES,
-            signature=infer_signature(X[:5], estimator.predict(X[:5])),
+            cfg.data.class_names,
             input_example=X[:2],
             pip_requirements=models.pip_requirements(),
             code_paths=[str(Path(__file__).parents[1])],

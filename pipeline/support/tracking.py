@@ -8,6 +8,7 @@ resume that run, so one pipeline execution is one row in the MLflow UI. Any exce
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,14 +54,52 @@ def explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if isinstance(message, str) else str(exc)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'lr': 0.1}} -> {'model.lr': 0.1}: stable parameter names for comparing runs."""
-    if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): tree}
+NOTE = "mlflow.note.content"  # the run's (and the experiment's) description in the MLflow UI
+EXPERIMENT_DESCRIPTION = (
+    "Fashion-MNIST classifiers trained by this project's DVC pipeline (`make train`, "
+    "`dvc exp run`) and direct Hydra runs. One run per pipeline execution: the parameters are "
+    "the model's keys, the split (data.val_size, data.seed) and the promotion rule; the full "
+    "configuration is the artifact config/params.yaml; data provenance and the DVC experiment "
+    "are tags. Each run's description says what was trained and what came of it.")
+# Set by `dvc exp run` for the stages it runs: the experiment's name, the commit it started from.
+DVC_EXPERIMENT_ENV = {"DVC_EXP_NAME": "dvc_exp_name",
+                      "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+
+
+def run_params(cfg: config.Config, model_params: dict[str, Any], target: str) -> dict[str, Any]:
+    """The scalars people compare runs by; lists, URLs and checksums stay out (tags, artifact)."""
+    return {
+        "model._target_": target,
+        **{f"model.{key}": value for key, value in model_params.items()},
+        "data.val_size": cfg.data.val_size,
+        "data.seed": cfg.data.seed,
+        "mlflow.promotion.metric": cfg.mlflow.promotion.metric,
+        "mlflow.promotion.min_improvement": cfg.mlflow.promotion.min_improvement,
+    }
+
+
+def dvc_experiment_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`dvc_exp_name`, `dvc_exp_baseline_rev` inside `dvc exp run`; nothing otherwise."""
+    environ = os.environ if environ is None else environ
+    return {tag: environ[name] for name, tag in DVC_EXPERIMENT_ENV.items() if environ.get(name)}
+
+
+def describe_training(run_name: str, kind: str, n_train: int, n_val: int,
+                      experiment: str | None = None) -> str:
+    """The run's description while it trains; register adds the outcome."""
+    where = f" in DVC experiment `{experiment}`" if experiment else ""
+    return (f"**{run_name}**: {kind} trained on {n_train:,} images, validated on {n_val:,}"
+            f"{where}.")
+
+
+def describe_outcome(trained: str, metrics: dict[str, float], metric: str, model: str,
+                     version: str, promoted: bool, reason: str) -> str:
+    """The description once registered: what was trained, its test scores, the decision, why."""
+    scores = ", ".join(f"{key} {metrics[key]:.4f}" for key in
+                       ("test_accuracy", "test_f1_macro", "test_log_loss") if key in metrics)
+    decision = "promoted to `champion`" if promoted else "not promoted (alias `challenger`)"
+    return (f"{trained.splitlines()[0]}\n\nTest set: {scores}.\n\nRegistered as {model} "
+            f"version {version}, {decision} on {metric}: {reason}.")
 
 
 def git_commit(root: Path = Path(".")) -> tuple[str, bool]:

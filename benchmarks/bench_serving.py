@@ -1,0 +1,154 @@
+"""Serving latency and throughput: `make serve` (MLflow's scoring app behind the strict gate)
+against plain `mlflow models serve` on the same model, both measured in this run.
+
+Usage: python benchmarks/bench_serving.py [--model URI] [--single 300] [--batches 20]
+
+Each server runs in its own process group on 127.0.0.1 and this process is the client: one-image
+requests one after another (p50 and p99 latency), then 1,000-image requests (images per second).
+The load is bounded in count and in time (--budget seconds per server); both servers are stopped
+by process group at the end. Run it after `make train` (the champion serves the real test images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.core.split import load_split  # noqa: E402
+from pipeline.support import config, store  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def start(command: list[str], env: dict[str, str], timeout: float = 120.0
+          ) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"bench_serving: {command[:4]} exited {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    stop(process)
+    raise SystemExit(f"bench_serving: no answer on {url}/ping after {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def measure(url: str, X: np.ndarray, single: int, batches: int, budget: float) -> dict[str, float]:
+    ones = [json.dumps({"inputs": X[i:i + 1].tolist()}).encode() for i in range(single)]
+    thousand = [json.dumps({"inputs": X[i * 1000:(i + 1) * 1000].tolist()}).encode()
+                for i in range(len(X) // 1000)]
+    post(f"{url}/invocations", ones[0])  # warm-up
+    deadline = time.monotonic() + budget
+    latencies = []
+    for body in ones:
+        started = time.perf_counter()
+        status, answer = post(f"{url}/invocations", body)
+        latencies.append(time.perf_counter() - started)
+        assert status == 200, answer[:200]
+        if time.monotonic() > deadline:
+            break
+    images, seconds = 0, 0.0
+    for i in range(batches):
+        started = time.perf_counter()
+        status, answer = post(f"{url}/invocations", thousand[i % len(thousand)])
+        seconds += time.perf_counter() - started
+        assert status == 200, answer[:200]
+        images += 1000
+        if time.monotonic() > deadline:
+            break
+    ms = np.array(latencies) * 1000
+    return {"requests": len(latencies), "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "images": images,
+            "images_per_s": images / seconds}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model URI (default: the champion)")
+    parser.add_argument("--single", type=int, default=300, help="one-image requests")
+    parser.add_argument("--batches", type=int, default=20, help="1,000-image requests")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of load per server")
+    args = parser.parse_args()
+    cfg = config.load(ROOT / config.PARAMS_FILE)
+    model = args.model or store.model_uri(cfg.mlflow)
+    X, _ = load_split(ROOT / cfg.data.split_dir, "test")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # uvicorn
+           store.TRACKING_URI_ENV: store.tracking_uri(cfg.mlflow),
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    servers = {
+        "make serve (gate + MLflow app)": [str(BIN / "python"), "-m", "pipeline.commands.serve",
+                                           "--model", model, "--port", "{port}"],
+        "mlflow models serve": [str(BIN / "mlflow"), "models", "serve", "-m", model,
+                                "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"],
+    }
+    results = {}
+    for name, command in servers.items():
+        process, url = start(command, env)
+        try:
+            results[name] = measure(url, X, args.single, args.batches, args.budget)
+        finally:
+            stop(process)
+    print(f"model {model}, {os.cpu_count()} CPUs, client and server on 127.0.0.1")
+    print(f"{'server':<32} {'1-image p50':>12} {'p99':>9} {'1,000-image req.':>17}")
+    for name, r in results.items():
+        print(f"{name:<32} {r['p50_ms']:>9.1f} ms {r['p99_ms']:>6.1f} ms "
+              f"{r['images_per_s']:>10,.0f} img/s   ({r['requests']} + {r['images'] // 1000} "
+              "requests)")
+    gate, plain = results[next(iter(servers))], results["mlflow models serve"]
+    print(f"ratio make serve / mlflow models serve: p50 {gate['p50_ms'] / plain['p50_ms']:.2f}, "
+          f"throughput {gate['images_per_s'] / plain['images_per_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

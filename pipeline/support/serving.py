@@ -1,0 +1,179 @@
+"""The served model: each image's class index, class name and probability, and the top k on request.
+
+The model is logged with two flavors over one skops file: `sklearn` (`mlflow.sklearn.load_model`,
+with `predict_proba`) and `python_function`, whose loader is this module, so `mlflow models serve`
+and `mlflow.pyfunc.load_model` answer with names and probabilities. The wrapper is code, not a
+pickled object: `_load_pyfunc` reads the skops file with the pipeline's trusted types, and the class
+names are plain values in the MLmodel file.
+
+Pixels are checked here, once, for the served API: integers 0-255 in JSON (no floats, booleans
+or strings), shape (n, 784) or (n, 28, 28), at least one image.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FLAVOR = "python_function"
+N_PIXELS = 784
+IMAGE_SHAPE = (28, 28)
+TOP_K_MAX = 10
+COLUMNS = ("class", "class_name", "probability")
+TOP_COLUMNS = ("top_classes", "top_class_names", "top_probabilities")
+INPUT_CONTRACT = ("integers 0-255 (no floats, booleans or strings), shape (n, 784) or (n, 28, 28); "
+                  "params.top_k (1-10) adds the k most probable classes")
+
+
+class PixelError(ValueError):
+    """A request's pixels are not what the model was trained on; the message is one line."""
+
+
+def signature() -> Any:
+    """Input, named outputs and the `top_k` parameter, for `/invocations` and the MLflow UI."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import schema as types
+
+    Array, ColSpec, DataType = types.Array, types.ColSpec, types.DataType
+
+    outputs = [ColSpec(DataType.long, "class"), ColSpec(DataType.string, "class_name"),
+               ColSpec(DataType.double, "probability"),
+               ColSpec(Array(DataType.long), "top_classes", required=False),
+               ColSpec(Array(DataType.string), "top_class_names", required=False),
+               ColSpec(Array(DataType.double), "top_probabilities", required=False)]
+    return ModelSignature(
+        inputs=types.Schema([types.TensorSpec(np.dtype(np.uint8), (-1, N_PIXELS))]),
+        outputs=types.Schema(outputs),
+        params=types.ParamSchema([types.ParamSpec("top_k", DataType.long, 1)]))
+
+
+def check_pixels(inputs: Any, may_hold_booleans: bool = True) -> np.ndarray:
+    """uint8 (n, 784) from a request's JSON `inputs`; PixelError says what is wrong, in one line.
+
+    numpy reads a list of Python ints and bools as int64 (True as 1), so the fast path, one C
+    conversion, is only taken when the caller knows the request holds no JSON true/false; any
+    other request gets the exact check of each value's type.
+    """
+    if not isinstance(inputs, list) or not inputs:
+        raise PixelError("no images: `inputs` must be a non-empty list of images")
+    array = None
+    if not may_hold_booleans:
+        try:
+            array = np.asarray(inputs)
+        except (ValueError, OverflowError):  # ragged, or an integer beyond 64 bits
+            array = None
+    if array is None or array.dtype.kind not in "iu":
+        array = _exact_integers(inputs)
+    if not (array.ndim == 2 and array.shape[1] == N_PIXELS
+            or array.ndim == 3 and array.shape[1:] == IMAGE_SHAPE):
+        raise PixelError(f"shape {array.shape}: expected (n, 784) or (n, 28, 28)")
+    flat = array.reshape(len(array), N_PIXELS)
+    bad = (flat < 0) | (flat > 255)
+    if bad.any():
+        image, pixel = np.argwhere(bad)[0]
+        raise PixelError(f"pixels must be integers 0-255: image {image} has {flat[image, pixel]} "
+                         f"at pixel {pixel}")
+    return flat.astype(np.uint8)
+
+
+def _exact_integers(inputs: list) -> np.ndarray:
+    """The pixels as an object array of Python ints, refusing any other JSON type by name."""
+    different = PixelError("images of different shapes: expected (n, 784) or (n, 28, 28)")
+    try:
+        array = np.array(inputs, dtype=object)
+    except ValueError:  # nested rows of different lengths
+        raise different from None
+    kinds = set(map(type, array.ravel().tolist()))
+    if list in kinds:  # numpy keeps rows of different lengths as lists
+        raise different
+    if kinds != {int}:
+        names = {bool: "booleans", float: "floats", str: "strings", dict: "objects",
+                 type(None): "nulls"}
+        found = ", ".join(sorted(names.get(kind, kind.__name__) for kind in kinds - {int}))
+        raise PixelError(f"pixels must be JSON integers 0-255, found {found}")
+    return array  # Python ints, compared exactly: 10**30 is out of range, not an overflow
+
+
+def check_top_k(params: dict[str, Any] | None) -> int:
+    top_k = (params or {}).get("top_k", 1)
+    if type(top_k) is not int or not 1 <= top_k <= TOP_K_MAX:
+        raise PixelError(f"params.top_k={top_k!r}: expected an integer 1-{TOP_K_MAX}")
+    return top_k
+
+
+class ServedModel:
+    """The pyfunc implementation: predict_proba, ranked, with the class names."""
+
+    def __init__(self, estimator: Any, class_names: Sequence[str]) -> None:
+        self.estimator = estimator
+        self.class_names = list(class_names)
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        top_k = check_top_k(params)
+        images = np.asarray(model_input)
+        if images.dtype != np.uint8:
+            images = check_pixels(images.tolist(), may_hold_booleans=images.dtype == bool)
+        elif images.ndim == 3 and images.shape[1:] == IMAGE_SHAPE:
+            images = images.reshape(len(images), N_PIXELS)
+        proba = self.estimator.predict_proba(images)
+        labels = np.asarray(self.estimator.classes_)
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+        ranked = labels[order]
+        rows = np.arange(len(proba))[:, None]
+        answer = pd.DataFrame({
+            "class": ranked[:, 0].astype(np.int64),
+            "class_name": [self.class_names[label] for label in ranked[:, 0]],
+            "probability": proba[rows[:, 0], order[:, 0]].astype(np.float64),
+        })
+        if top_k > 1:
+            top_proba = proba[rows, order].astype(np.float64)
+            answer["top_classes"] = [row.tolist() for row in ranked]
+            answer["top_class_names"] = [[self.class_names[label] for label in row]
+                                         for row in ranked]
+            answer["top_probabilities"] = [row.tolist() for row in top_proba]
+        return answer
+
+
+def _load_pyfunc(path: str) -> ServedModel:
+    """Called by `mlflow.pyfunc.load_model` with the model directory."""
+    from mlflow.models import Model
+
+    from pipeline.support import models
+
+    directory = Path(path)
+    if directory.is_file():
+        directory = directory.parent
+    flavors = Model.load(directory / "MLmodel").flavors
+    skops_file = directory / flavors["sklearn"]["pickled_model"]
+    return ServedModel(models.load(skops_file), flavors[FLAVOR]["class_names"])
+
+
+def save_model(sk_model: Any, path: str, mlflow_model: Any, class_names: Sequence[str],
+               **sklearn_options: Any) -> None:
+    """The `sklearn` flavor as MLflow writes it (skops), with this module as the pyfunc loader."""
+    import mlflow.sklearn
+
+    mlflow.sklearn.save_model(sk_model, path, mlflow_model=mlflow_model,
+                              serialization_format="skops", **sklearn_options)
+    flavor = mlflow_model.flavors[FLAVOR]
+    flavor.update(loader_module=__name__, class_names=list(class_names),
+                  input_contract=INPUT_CONTRACT)
+    flavor.pop("predict_fn", None)
+    mlflow_model.save(str(Path(path) / "MLmodel"))
+
+
+def log_model(estimator: Any, class_names: Sequence[str], **options: Any) -> Any:
+    """Log the estimator in the active run; returns MLflow's ModelInfo."""
+    from mlflow.models import Model
+
+    from pipeline.support import models
+
+    return Model.log(artifact_path=None, name="model", flavor=sys.modules[__name__],
+                     sk_model=estimator, class_names=class_names,
+                     skops_trusted_types=models.TRUSTED_TYPES, signature=signature(), **options)

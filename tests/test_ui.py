@@ -1,0 +1,66 @@
+"""`make ui`: the direct links to the experiment's training runs and to the champion's version,
+then a real `mlflow ui` on 127.0.0.1; against a tracking server, the same links on its address."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.repo_copy import MODEL_NAME, Repo
+from tests.test_predict import trained_repo
+from tests.test_serve import _free_port, _stop
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    return trained_repo(tmp_path_factory)
+
+
+def _wait_for(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no answer on {url} after {timeout:.0f} s")
+
+
+def test_ui_prints_the_runs_page_and_the_champion_then_serves_them(repo: Repo) -> None:
+    client = repo.client()
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion").version
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.commands.ui", "--port", str(port)], cwd=repo.root,
+        env={k: v for k, v in repo.env.items() if k != "MLFLOW_TRACKING_URI"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert lines[0].split() == ["ui:", "training", "runs",
+                                    f"{base}/#/experiments/{experiment}/runs"]
+        assert lines[1].split()[:4] == ["ui:", "champion",
+                                        f"{base}/#/models/{MODEL_NAME}/versions/{champion}",
+                                        "(version"]
+        _wait_for(f"{base}/", process)
+        # Against a tracking server (this UI is one), the links use the server's address.
+        remote = subprocess.run(
+            [sys.executable, "-m", "pipeline.commands.ui"], cwd=repo.root,
+            env={**repo.env, "MLFLOW_TRACKING_URI": base}, capture_output=True, text=True,
+            timeout=120)
+        assert remote.returncode == 0, remote.stderr
+        assert f"{base}/#/experiments/{experiment}/runs" in remote.stdout
+        assert re.search(rf"{base}/#/models/{MODEL_NAME}/versions/{champion}\b", remote.stdout)
+    finally:
+        _stop(process)
