@@ -5,6 +5,11 @@ Usage: python -m pipeline.commands.serve [--model URI] [--port 5001] [--params p
 The model is the champion of the configured registered model unless --model names another, and
 the store is the project's (`pipeline.support.store`), so renaming the model in conf/ moves this
 command with it. The server listens on 127.0.0.1 unless --host says otherwise.
+
+The model is verified before the server starts: an alias is pinned to its version, and the
+version is loaded the way `pipeline.predict` loads it (its MLmodel file must declare skops with
+the pipeline's trusted types and MLflow's scikit-learn loader), so a pickled model in the store
+is refused here, with exit code 3, instead of being unpickled by the server.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pipeline.commands import predict
 from pipeline.support import config, store
 from pipeline.support.workspace import child_env, venv_tool
 
@@ -34,14 +40,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    model = args.model or store.model_uri(cfg.mlflow)
+    requested = args.model or store.model_uri(cfg.mlflow)
     uri = store.tracking_uri(cfg.mlflow)
-    print(f"serve: {model} from {uri} on http://{args.host}:{args.port} (/ping, /invocations)",
-          flush=True)
+    try:
+        resolved = predict.resolve_model(requested, cfg.mlflow)
+        model, _ = predict.load_model(resolved.uri, cfg.mlflow)
+        predict.check_model(model, cfg.data.class_names)
+    except predict.ModelError as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return predict.EXIT_MODEL
+    print(f"serve: {resolved.description} from {uri} on http://{args.host}:{args.port} "
+          "(/ping, /invocations)", flush=True)
     env = {**child_env(), store.TRACKING_URI_ENV: uri,
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    command = [venv_tool("mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
-               "-h", args.host, "-p", str(args.port)]
+    command = [venv_tool("mlflow"), "models", "serve", "-m", resolved.uri,
+               "--env-manager", "local", "-h", args.host, "-p", str(args.port)]
     os.execve(command[0], command, env)
 
 
