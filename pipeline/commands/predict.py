@@ -208,6 +208,7 @@ def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
 class ResolvedModel:
     """What `--model` names: the URI to load (a registry alias pinned to its version)."""
 
+    requested: str
     uri: str
     description: str
     tracking_uri: str | None  # None for a local file or folder
@@ -216,7 +217,7 @@ class ResolvedModel:
 def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
     """Pin `models:/NAME@alias` to its version, so what is checked is what gets loaded."""
     if urlsplit(uri).scheme not in ("models", "runs"):
-        return ResolvedModel(uri, uri, None)
+        return ResolvedModel(uri, uri, uri, None)
     tracking_uri = store.tracking_uri(mlflow_cfg)
     check_store(tracking_uri)
     store.quiet_mlflow()
@@ -225,7 +226,7 @@ def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
 
     mlflow.set_tracking_uri(tracking_uri)
     if not uri.startswith("models:/"):
-        return ResolvedModel(uri, uri, tracking_uri)
+        return ResolvedModel(uri, uri, uri, tracking_uri)
     try:
         version = _registered_version(MlflowClient(), uri, tracking_uri)
     except ModelError:
@@ -234,8 +235,8 @@ def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
     if version is None:
-        return ResolvedModel(uri, uri, tracking_uri)
-    return ResolvedModel(f"models:/{version.name}/{version.version}",
+        return ResolvedModel(uri, uri, uri, tracking_uri)
+    return ResolvedModel(uri, f"models:/{version.name}/{version.version}",
                          f"{uri} (version {version.version}, run {version.run_id})", tracking_uri)
 
 
@@ -246,12 +247,16 @@ def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
     anything but skops before loading a byte of it; `.skops` files through `models.load`.
     """
     resolved = resolve_model(uri, mlflow_cfg)
-    path = Path(uri)
+    return load_resolved(resolved), resolved.description
+
+
+def load_resolved(resolved: ResolvedModel) -> Any:
+    """The estimator of a resolved `--model`; ModelError names it and the way out."""
+    uri, path = resolved.requested, Path(resolved.uri)
     try:
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
-            return (models.load_model_uri(resolved.uri, resolved.tracking_uri),
-                    resolved.description)
-        return models.load(path), str(path)
+            return models.load_model_uri(resolved.uri, resolved.tracking_uri)
+        return models.load(path)
     except models.ModelFileError as exc:
         hint = ("" if resolved.tracking_uri is not None or path.suffix == ".skops" else
                 "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uri = store.tracking_uri(cfg.mlflow)
     try:
         resolved = predict.resolve_model(requested, cfg.mlflow)
-        model, _ = predict.load_model(resolved.uri, cfg.mlflow)
+        model = predict.load_resolved(resolved)
         predict.check_model(model, cfg.data.class_names)
     except predict.ModelError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
