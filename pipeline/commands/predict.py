@@ -30,6 +30,7 @@ named); 2 bad usage; 3 the model or the MLflow store cannot be found or loaded.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pipeline.core.extra import read_png
+from pipeline.core.files import MAX_ARRAY_FILE_BYTES, FileRefusedError, open_regular, read_bounded
 from pipeline.core.idx import IMAGE_SHAPE, IdxFormatError, read_idx
 from pipeline.support import config, models, store
 
@@ -98,7 +100,9 @@ def _as_pixels(path: Path, array: np.ndarray) -> np.ndarray:
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(io.BytesIO(read_bounded(path, MAX_ARRAY_FILE_BYTES)), allow_pickle=False)
+    except FileRefusedError as exc:
+        raise InputError(str(exc)) from None
     except (ValueError, OSError, EOFError) as exc:  # object arrays, bad header, truncation
         raise InputError(f"{path}: not a readable .npy array: {exc}") from None
     if not isinstance(array, np.ndarray):  # np.load opened a .npz archive
@@ -113,10 +117,12 @@ def read_input(source: str) -> Batch:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass the image files themselves, e.g. {path}/*.png")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, MAX_ARRAY_FILE_BYTES) as f:  # no FIFO, device or huge file
             head = f.read(len(PNG_SIGNATURE))
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except FileRefusedError as exc:
+        raise InputError(str(exc)) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     suffix = path.suffix.lower()
