@@ -170,6 +170,10 @@ def check_store(uri: str) -> None:
         raise ModelError(f"no MLflow store at {where} (tracking URI {uri}): train a model first "
                          "with `make train`, run from the project root, or set "
                          "MLFLOW_TRACKING_URI")
+    try:
+        store.check_integrity(uri)
+    except store.StoreError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:

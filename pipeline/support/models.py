@@ -24,8 +24,9 @@ from typing import Any
 from pipeline.support.config import ConfigError
 
 
-class ModelFileError(RuntimeError):
-    """The model file is missing or not a model this pipeline wrote."""
+class ModelFileError(ValueError):
+    """The model file is missing or not a model this pipeline wrote (a stage reports it in one
+    line, as every ValueError)."""
 
 
 class UntrustedModelError(ModelFileError):

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config
+from pipeline.support import config, store
 
 # What a commit's code is: a run is "dirty" only if these differ from the commit, not because
 # DVC rewrote its own outputs (dvc.lock, metrics/) during the pipeline.
@@ -31,7 +31,7 @@ class RunFileError(RuntimeError):
 
 
 _EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    config.ConfigError, RunFileError, OSError, ValueError, KeyError,
+    config.ConfigError, RunFileError, store.StoreError, OSError, ValueError, KeyError,
 )
 
 
