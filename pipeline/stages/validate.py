@@ -26,8 +26,10 @@ from pipeline.core.idx import IdxFormatError, read_idx
 from pipeline.core.split import N_CLASSES, DatasetError, check_val_size
 from pipeline.support import config, models
 
-HOW_TO_GET_BACK = ("nothing was run or deleted; to get back, restore the committed values with "
-                   "`git checkout params.yaml`, or compose conf/ again with `make params`")
+# `make params` first: after `dvc exp run -S`, git may not notice the change (same size and a
+# refreshed index), and `git checkout params.yaml` then silently does nothing.
+HOW_TO_GET_BACK = ("nothing was run or deleted; to get back, compose conf/ again with "
+                   "`make params` (or restore the committed file: `git checkout params.yaml`)")
 
 
 def official_class_counts(data: config.DataConfig) -> np.ndarray | None:

@@ -219,8 +219,8 @@ def load(path: str | Path):
     except UntrustedModelError:
         raise
     except ModelFileError as exc:
-        raise ModelFileError(f"{exc}; restore it with `dvc checkout {path}` or retrain with "
-                             "`dvc repro -f train`") from None
+        raise ModelFileError(f"{exc}; restore it with `dvc checkout --force {path}` or retrain "
+                             "with `dvc repro -f train`") from None
 
 
 # What `mlflow models serve` may call to load a model: MLflow's scikit-learn loader, which reads
