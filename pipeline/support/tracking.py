@@ -147,6 +147,7 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
         raise RunFileError(f"MLflow run {run_id} is {status}: rerun `dvc repro` (evaluate redoes "
                            "a failed evaluation), or retrain with `dvc repro -f -s train`")
     with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags(process_tags())  # this process owns the run now (`fail_killed_runs`)
         yield run
 
 
