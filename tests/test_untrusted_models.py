@@ -74,8 +74,9 @@ def crafted(tmp_path_factory: pytest.TempPathFactory, archives) -> CraftedStore:
     logged = subprocess.run(
         [sys.executable, "-c", LOG_CRAFTED_MODEL, tracking_uri, str(marker), MODEL_NAME,
          str(root / "downloaded")],
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True,
-        timeout=300, check=True)
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+             "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True, timeout=300)
+    assert logged.returncode == 0, logged.stderr[-3000:]
     marker.unlink(missing_ok=True)  # MLflow itself may load what it has just logged
     X, _ = make_dataset(2, seed=1)
     np.save(root / "images.npy", X.reshape(len(X), 784))
@@ -153,7 +154,8 @@ def test_a_model_the_pipeline_logged_loads(tmp_path: Path) -> None:
     estimator = SoftmaxRegression(epochs=2, random_state=0).fit(X, y)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
+    experiment = mlflow.MlflowClient().create_experiment("loader")
+    with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
                                  skops_trusted_types=models.TRUSTED_TYPES)
     loaded = models.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
