@@ -93,6 +93,13 @@ def make_repo(root: Path, mirror: Path, n_train_per_class: int = 60, n_test_per_
     data = data_params(specs, val_size=val_size)
     (root / "conf" / "data" / "fashion_mnist.yaml").write_text(
         yaml.safe_dump(data, sort_keys=False))
+    # The validate stage refuses a batch larger than the training set; the default (512) is.
+    n_train = 10 * n_train_per_class - val_size
+    softmax = root / "conf" / "model" / "softmax.yaml"
+    batch = int(yaml.safe_load(softmax.read_text())["batch_size"])
+    if batch > n_train:
+        softmax.write_text(softmax.read_text().replace(f"batch_size: {batch}",
+                                                       f"batch_size: {n_train}", 1))
     (root / "params.yaml").write_text(compose(root))
     (root / "data" / "extra").mkdir(parents=True, exist_ok=True)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]

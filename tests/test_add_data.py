@@ -110,8 +110,7 @@ def test_adds_images_under_canonical_folders_and_commits_data_dvc(
 
 def _copy_all(source: Path, extra: Path) -> add_data.Plan:
     plan = add_data.make_plan(source, extra, CLASS_NAMES)
-    for copy in plan.copies:
-        add_data.copy_image(copy)
+    add_data.copy_all(plan.copies, extra)
     return plan
 
 
@@ -153,7 +152,7 @@ def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
     write_png(copy.destination, make_images([6], seed=5)[0])  # another writer got there first
     theirs = copy.destination.read_bytes()
 
-    final = add_data.copy_image(copy)
+    [final] = add_data.copy_all([copy], extra)
 
     assert final.name == "img_0000-1.png" and final.read_bytes() == copy.data
     assert copy.destination.read_bytes() == theirs
@@ -241,3 +240,42 @@ def test_command_line_with_a_remote_says_to_push(repo: Path, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert (repo / "data" / "extra" / "sandal" / "img_0000.png").is_file()
     assert result.stdout.rstrip().endswith("dvc push")
+
+
+def test_a_copy_that_fails_midway_leaves_nothing_and_a_rerun_works(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "new"
+    write_extra_folder(source, {"trouser": 2, "coat": 2, "shirt": 1})
+    extra = repo / "data" / "extra"
+    (extra / "coat").write_bytes(b"not a folder")  # the class folder cannot be created
+    tracked = _tracked(repo)
+
+    code, _, err = _add(repo, source, capsys)
+
+    assert code == 1 and "Traceback" not in err
+    assert f"to {extra / 'coat'} failed" in err and "nothing was added" in err
+    assert _files(extra) == {"coat": b"not a folder"}  # trouser/ (copied first) is gone too
+    assert sorted(p.name for p in extra.parent.iterdir()) == ["extra"]  # no staging folder left
+    assert _tracked(repo) == tracked
+
+    (extra / "coat").unlink()
+    code, out, err = _add(repo, source, capsys)
+    assert code == 0, err
+    assert "added 5 images" in out and len(_files(extra)) == 5
+
+
+def test_a_fifo_or_a_device_among_the_images_is_refused_at_once(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = tmp_path / "new"
+    write_extra_folder(source, {"bag": 1})
+    os.mkfifo(source / "bag" / "pipe.png")
+    (source / "bag" / "zero.png").symlink_to("/dev/zero")
+
+    code, _, err = _add(repo, source, capsys)
+
+    assert code == 1
+    assert f"{source / 'bag' / 'pipe.png'}: a FIFO; only regular files are read" in err
+    assert f"{source / 'bag' / 'zero.png'}: a character device" in err
+    assert _files(repo / "data" / "extra") == {}

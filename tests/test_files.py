@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 
 from pipeline.core.files import (
+    MAX_ARRAY_FILE_BYTES,
     ZIP_DATE_TIME,
+    FileRefusedError,
     atomic_write,
     atomic_write_bytes,
     is_temp_file_of,
     md5_bytes,
     md5sum,
     npz_bytes,
+    read_bounded,
     write_npz,
 )
 
@@ -97,3 +100,49 @@ def test_npz_bytes_do_not_depend_on_the_clock(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(time, "localtime", lambda *a: (2033, 5, 18, 3, 33, 20, 2, 138, 0))
     assert npz_bytes(arrays) == first
     assert np.load(io.BytesIO(first))["X"].sum() == 4
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    path = tmp_path / "models" / "model.skops"
+    atomic_write_bytes(path, b"previous")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError) as raised:
+        atomic_write_bytes(path, b"new model")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert str(path) in str(raised.value) and "free some space" in str(raised.value)
+    assert path.read_bytes() == b"previous" and os.listdir(path.parent) == ["model.skops"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero-symlink", "sparse-2gb", "folder"])
+def test_bounded_reads_refuse_what_is_not_a_small_regular_file(tmp_path: Path,
+                                                               kind: str) -> None:
+    path = tmp_path / "x.png"
+    if kind == "fifo":
+        os.mkfifo(path)  # no writer: opening it for reading would block for ever
+    elif kind == "dev-zero-symlink":
+        path.symlink_to("/dev/zero")
+    elif kind == "sparse-2gb":
+        with open(path, "wb") as f:
+            f.truncate(2 << 30)
+    else:
+        path.mkdir()
+    expected = {"fifo": "a FIFO", "dev-zero-symlink": "a character device",
+                "sparse-2gb": f"{2 << 30} bytes, more than", "folder": "a folder"}[kind]
+    with pytest.raises(FileRefusedError, match=f"^{path}: {expected}"):
+        read_bounded(path, MAX_ARRAY_FILE_BYTES)
+
+
+def test_bounded_reads_read_a_regular_file_and_its_symlink(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"abc")
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert read_bounded(tmp_path / "link", 3) == b"abc"
+    with pytest.raises(FileRefusedError, match="4 bytes, more than the 3 bytes"):
+        (tmp_path / "a").write_bytes(b"abcd")
+        read_bounded(tmp_path / "a", 3)

@@ -199,6 +199,24 @@ def test_every_bad_input_is_reported_at_once(setup: Setup, capsys, tmp_path: Pat
     assert lines[3].startswith(f"{tmp_path}: is a folder")
 
 
+def test_a_fifo_a_device_or_a_huge_file_is_refused_at_once(setup: Setup, capsys,
+                                                            tmp_path: Path) -> None:
+    fifo, zero, npy, huge = (tmp_path / name for name in ("x.png", "zero.png", "zero.npy",
+                                                          "huge-idx3-ubyte"))
+    os.mkfifo(fifo)  # no writer: reading it would hang
+    zero.symlink_to("/dev/zero")  # reading it would fill the memory
+    npy.symlink_to("/dev/zero")
+    with open(huge, "wb") as f:
+        f.truncate(2 << 30)  # 2 GB, sparse
+    code, out, err = _cli(setup, capsys, fifo, zero, npy, huge)
+    assert code == 1 and out == ""
+    assert err.removeprefix("predict: error: ").splitlines() == [
+        f"{fifo}: a FIFO; only regular files are read",
+        f"{zero}: a character device; only regular files are read",
+        f"{npy}: a character device; only regular files are read",
+        f"{huge}: {2 << 30} bytes, more than the {512 << 20} bytes allowed for one file"]
+
+
 def test_unusable_model_file(setup: Setup, capsys, tmp_path: Path) -> None:
     png = setup.root / "coat.png"
     code, _, err = run_main(capsys, png, "--model", tmp_path / "none.skops",

@@ -15,6 +15,7 @@ from pipeline.core.idx import write_idx
 from pipeline.core.split import (
     DatasetError,
     allocate,
+    check_val_size,
     load_official,
     make_split,
     split_table,
@@ -298,3 +299,16 @@ def test_stage_reports_corrupt_archive_and_bad_extras(project: Project,
 def test_stage_bad_params(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert split_stage.main(["--params", str(tmp_path / "nope.yaml")]) == 1
     assert "parameter file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("val_size, valid", [(9, False), (10, True), (10_000, True),
+                                             (59_990, True), (59_991, False), (59_999, False)])
+def test_val_size_leaves_every_class_in_train_and_in_validation(val_size: int,
+                                                                valid: bool) -> None:
+    counts = [6000] * 10  # Fashion-MNIST
+    if valid:
+        check_val_size(counts, val_size)
+    else:
+        with pytest.raises(DatasetError, match=f"data.val_size={val_size} is invalid: .*"
+                                               "expected between 10 and 59990"):
+            check_val_size(counts, val_size)

@@ -10,8 +10,9 @@ to `dress/`), so the folder names in the repository stay uniform:
   reported, so running the command twice adds nothing;
 - the same image with another label there (or in DIR) is a conflict, reported as a problem;
 - a name already taken by another image gets a free name (`shoe.png` -> `shoe-1.png`).
-Each file is written under a temporary name and linked to its final name, which never replaces
-an existing file. Then `dvc commit -f data.dvc` records the new content of the extra folder
+All or nothing: the images are staged in a hidden folder on the same file system, then each is
+linked to its final name, which never replaces an existing file; if one fails, those placed
+are removed again. Then `dvc commit -f data.dvc` records the new content of the extra folder
 (and saves it in the DVC cache), and the git and DVC commands that share it are printed.
 
 Exit codes: 0 images added or all already there; 1 invalid input or a failure. When the DVC step
@@ -25,8 +26,10 @@ import contextlib
 import errno
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +44,12 @@ from pipeline.core.extra import (
     load_extra,
     validate_extra,
 )
-from pipeline.core.files import md5_bytes, temp_path_for
+from pipeline.core.files import (
+    MAX_IMAGE_FILE_BYTES,
+    FileRefusedError,
+    md5_bytes,
+    read_bounded,
+)
 from pipeline.support import config
 from pipeline.support.workspace import (
     EXTRA_DVC_FILE,
@@ -82,7 +90,8 @@ def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[str, t
             continue
         for file in sorted(folder.iterdir()):
             if file.is_file() and not file.name.startswith(".") and file.suffix.lower() == ".png":
-                known.setdefault(md5_bytes(file.read_bytes()), (label, file))
+                known.setdefault(md5_bytes(read_bounded(file, MAX_IMAGE_FILE_BYTES)),
+                                 (label, file))
     return known
 
 
@@ -126,7 +135,8 @@ def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> 
         folder = extra_dir / class_folder_name(label, class_names)
         destination = _free_name(folder, source.name, taken)
         taken.add(destination)
-        plan.copies.append(Copy(source, label, destination, source.read_bytes()))
+        plan.copies.append(Copy(source, label, destination,
+                                read_bounded(source, MAX_IMAGE_FILE_BYTES)))
         known[md5] = (label, source)
     if conflicts:
         raise AddDataError(_problem_report(conflicts, source_dir))
@@ -157,19 +167,57 @@ def _link_without_clobbering(tmp: Path, destination: Path) -> Path:
             return destination
 
 
-def copy_image(copy: Copy) -> Path:
-    """Write one image under a temporary name, then give it its final name; return that name."""
-    copy.destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(copy.destination)
+def _write_staged(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_all(copies: Sequence[Copy], extra_dir: Path) -> list[Path]:
+    """Every image in place, or none: returns the final names, in the order of `copies`.
+
+    The images are first written to a hidden folder next to `extra_dir` (the same file system,
+    outside what data.dvc tracks), then linked into place one by one; if anything fails, the
+    links and class folders made so far are removed again, so a failed call leaves nothing.
+    """
+    if not copies:
+        return []
+    extra_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{extra_dir.name}.adding-", dir=extra_dir.parent))
+    placed: list[Path] = []
+    made: list[Path] = []  # folders this call created, parents first
     try:
-        with open(tmp, "xb") as f:
-            f.write(copy.data)
-            f.flush()
-            os.fsync(f.fileno())
-        return _link_without_clobbering(tmp, copy.destination)
+        staged = []
+        for number, copy in enumerate(copies):
+            staged.append(staging / f"{number}.png")
+            try:
+                _write_staged(staged[-1], copy.data)
+            except OSError as exc:
+                raise AddDataError(f"cannot stage {copy.source} in {staging}: "
+                                   f"{exc.strerror or exc}") from None
+        for copy, tmp in zip(copies, staged, strict=True):
+            try:
+                for folder in reversed([copy.destination.parent, *copy.destination.parent.parents]):
+                    if not folder.exists():
+                        folder.mkdir()
+                        made.append(folder)
+                placed.append(_link_without_clobbering(tmp, copy.destination))
+            except OSError as exc:
+                raise AddDataError(
+                    f"copying {copy.source} to {copy.destination.parent} failed: "
+                    f"{exc.strerror or exc}; nothing was added") from None
+    except BaseException:
+        for path in placed:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
+    return placed
 
 
 def _tracked_path(dvc_file: Path) -> str:
@@ -224,17 +272,9 @@ def add(source_dir: Path, params: Path) -> int:
     plan = make_plan(source_dir, extra_dir, data.class_names)
     for source, existing in plan.skipped:
         print(f"add_data: skipped {source}: same image as {existing}")
-    added = []
-    for copy in plan.copies:
-        try:
-            final = copy_image(copy)
-        except OSError as exc:
-            raise AddDataError(
-                f"copying {copy.source} to {copy.destination.parent} failed: {exc}. "
-                f"{len(added)} images were copied before it; running the command again skips "
-                "them and copies the rest"
-            ) from None
-        added.append(copy.label)
+    placed = copy_all(plan.copies, extra_dir)
+    added = [copy.label for copy in plan.copies]
+    for copy, final in zip(plan.copies, placed, strict=True):
         renamed = f" (renamed: {copy.source.name} was taken)" if final.name != copy.source.name \
             else ""
         print(f"add_data: {copy.source} -> {final.relative_to(root)}{renamed}")
@@ -291,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AddDataError, CommandError) as exc:
         print(f"add_data: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, FileRefusedError) as exc:
         print(f"add_data: error: {exc}", file=sys.stderr)
         return 1
 

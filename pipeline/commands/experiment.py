@@ -44,6 +44,7 @@ def main(raw: DictConfig) -> float | None:
         except config.ConfigError as exc:
             raise config.ConfigError(f"conf/ with your overrides: {exc}") from None
         store.connect(cfg.mlflow)
+        tracking.fail_killed_runs(cfg.mlflow.experiment)
         record = train.train(cfg, out, "hydra", list(hydra_cfg.overrides.task))
         results = evaluate.run(cfg, out, record["run_id"])
         register.run(cfg, out, record["run_id"], record["model_uri"])

@@ -11,10 +11,12 @@ INPUT, any number and mix of:
   whose values are integers in 0..255.
 
 --model: `models:/<name>@<alias>` (default: `models:/<mlflow.registered_model>@champion`),
-`models:/<name>/<version>`, `runs:/<run id>/model`, or the path of a `.skops` file such as
-`models/model.skops`. The MLflow store is $MLFLOW_TRACKING_URI, else `mlflow.tracking_uri` of the
-parameter file: the stages' rule. Predicting never writes to the store, and MLflow (several
-seconds to import) is only imported for `models:/` and `runs:/` URIs.
+`models:/<name>/<version>`, `runs:/<run id>/model`, an MLflow model folder, or the path of a
+`.skops` file such as `models/model.skops`. The MLflow store is $MLFLOW_TRACKING_URI, else
+`mlflow.tracking_uri` of the parameter file: the stages' rule. Predicting never writes to the
+store, and MLflow (several seconds to import) is only imported for `models:/` and `runs:/` URIs
+and model folders. Only skops models with the pipeline's trusted types are loaded: a logged
+model saved any other way (pickle, cloudpickle) is refused from its MLmodel file, unread.
 
 Output: one row per image (its file, with `[index]` for the images of an IDX or .npy file), the
 most probable classes and their probabilities as an aligned table; with --json a JSON list, one
@@ -28,6 +30,7 @@ named); 2 bad usage; 3 the model or the MLflow store cannot be found or loaded.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -40,6 +43,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from pipeline.core.extra import read_png
+from pipeline.core.files import MAX_ARRAY_FILE_BYTES, FileRefusedError, open_regular, read_bounded
 from pipeline.core.idx import IMAGE_SHAPE, IdxFormatError, read_idx
 from pipeline.support import config, models, store
 
@@ -96,7 +100,9 @@ def _as_pixels(path: Path, array: np.ndarray) -> np.ndarray:
 
 def _read_npy(path: Path) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(io.BytesIO(read_bounded(path, MAX_ARRAY_FILE_BYTES)), allow_pickle=False)
+    except FileRefusedError as exc:
+        raise InputError(str(exc)) from None
     except (ValueError, OSError, EOFError) as exc:  # object arrays, bad header, truncation
         raise InputError(f"{path}: not a readable .npy array: {exc}") from None
     if not isinstance(array, np.ndarray):  # np.load opened a .npz archive
@@ -111,10 +117,12 @@ def read_input(source: str) -> Batch:
     if path.is_dir():
         raise InputError(f"{path}: is a folder; pass the image files themselves, e.g. {path}/*.png")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, MAX_ARRAY_FILE_BYTES) as f:  # no FIFO, device or huge file
             head = f.read(len(PNG_SIGNATURE))
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
+    except FileRefusedError as exc:
+        raise InputError(str(exc)) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     suffix = path.suffix.lower()
@@ -162,6 +170,10 @@ def check_store(uri: str) -> None:
         raise ModelError(f"no MLflow store at {where} (tracking URI {uri}): train a model first "
                          "with `make train`, run from the project root, or set "
                          "MLFLOW_TRACKING_URI")
+    try:
+        store.check_integrity(uri)
+    except store.StoreError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
@@ -202,43 +214,69 @@ def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
     return client.get_model_version(name, version)
 
 
-def _load_from_mlflow(uri: str, tracking_uri: str) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What `--model` names: the URI to load (a registry alias pinned to its version)."""
+
+    requested: str
+    uri: str
+    description: str
+    tracking_uri: str | None  # None for a local file or folder
+
+
+def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
+    """Pin `models:/NAME@alias` to its version, so what is checked is what gets loaded."""
+    if urlsplit(uri).scheme not in ("models", "runs"):
+        return ResolvedModel(uri, uri, uri, None)
+    tracking_uri = store.tracking_uri(mlflow_cfg)
+    check_store(tracking_uri)
     store.quiet_mlflow()
     import mlflow
-    import mlflow.sklearn
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
-    description = load_uri = uri
+    if not uri.startswith("models:/"):
+        return ResolvedModel(uri, uri, uri, tracking_uri)
     try:
-        if uri.startswith("models:/"):
-            version = _registered_version(MlflowClient(), uri, tracking_uri)
-            if version is not None:  # load what was resolved, even if an alias moves meanwhile
-                description = f"{uri} (version {version.version}, run {version.run_id})"
-                load_uri = f"models:/{version.name}/{version.version}"
-        model = mlflow.sklearn.load_model(load_uri)
+        version = _registered_version(MlflowClient(), uri, tracking_uri)
     except ModelError:
         raise
-    except Exception as exc:  # MLflow, SQLAlchemy, skops and the network fail in many ways
+    except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        raise ModelError(f"cannot load {uri} from {tracking_uri}: {message}") from None
-    return model, description
+        raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
+    if version is None:
+        return ResolvedModel(uri, uri, uri, tracking_uri)
+    return ResolvedModel(uri, f"models:/{version.name}/{version.version}",
+                         f"{uri} (version {version.version}, run {version.run_id})", tracking_uri)
 
 
 def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
-    """The estimator `uri` names, and a description of it for the user."""
-    if urlsplit(uri).scheme in ("models", "runs"):
-        tracking_uri = store.tracking_uri(mlflow_cfg)
-        check_store(tracking_uri)
-        return _load_from_mlflow(uri, tracking_uri)
-    path = Path(uri)
+    """The estimator `uri` names, and a description of it for the user.
+
+    Logged models and MLflow model folders go through `models.load_model_uri`, which refuses
+    anything but skops before loading a byte of it; `.skops` files through `models.load`.
+    """
+    resolved = resolve_model(uri, mlflow_cfg)
+    return load_resolved(resolved), resolved.description
+
+
+def load_resolved(resolved: ResolvedModel) -> Any:
+    """The estimator of a resolved `--model`; ModelError names it and the way out."""
+    uri, path = resolved.requested, Path(resolved.uri)
     try:
-        return models.load(path), str(path)
+        if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
+            return models.load_model_uri(resolved.uri, resolved.tracking_uri)
+        return models.load(path)
     except models.ModelFileError as exc:
-        hint = ("" if path.suffix == ".skops" else
+        hint = ("" if resolved.tracking_uri is not None or path.suffix == ".skops" else
                 "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
-                "runs:/<run id>/model or a .skops file")
-        raise ModelError(f"{exc}{hint}") from None
+                "runs:/<run id>/model, an MLflow model folder or a .skops file")
+        pinned = f"{uri} is version {resolved.uri.rsplit('/', 1)[1]}: " \
+            if resolved.uri != uri else ""
+        raise ModelError(f"{pinned}{exc}{hint}") from None
+    except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise ModelError(f"cannot load {uri} from {resolved.tracking_uri}: {message}") from None
 
 
 def check_model(model: Any, class_names: Sequence[str]) -> np.ndarray:

@@ -9,9 +9,12 @@ casts whatever JSON it gets to the signature's uint8, so 0.5 becomes 0 and "7" b
 bodies of any size and echoes the request in its errors. Here the same MLflow app runs behind a
 gate that refuses, with a one-line reason under 1 KB: bodies over the size limit (413), anything
 but JSON `inputs`/`instances` of integer pixels 0-255 in shape (n, 784) or (n, 28, 28) (400).
-The model is checked before it is loaded: only this pipeline's skops model with the
-`pipeline.support.serving` loader is served, and that loader comes from this checkout, never
-from code stored with the model. The server listens on 127.0.0.1 unless --host says otherwise.
+The model is checked before it is loaded: an alias is pinned to its version, its MLmodel file must
+declare this pipeline's skops model with the `pipeline.support.serving` loader
+(`pipeline.support.models.check_model_uri`, the rule predict follows too), and that loader comes
+from this checkout, never from code stored with the model; a pickled model is refused with exit
+code 3 before a byte of it is deserialised. The server listens on 127.0.0.1 unless --host says
+otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.commands import predict
 from pipeline.support import config, store
 
 MAX_ERROR_BYTES = 1024
@@ -153,7 +157,7 @@ def _bounded_errors(send: Send) -> Send:
     return bounded
 
 
-def load_served_model(uri: str) -> Any:
+def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
     """MLflow's PyFuncModel for `uri`, after checking its MLmodel names our skops model.
 
     The implementation is built by this checkout's `pipeline.support.serving`: nothing from the
@@ -167,16 +171,18 @@ def load_served_model(uri: str) -> Any:
     from pipeline.support import models, serving
 
     try:
+        models.check_model_uri(uri, tracking_uri)  # before anything else is downloaded
         local = Path(mlflow.artifacts.download_artifacts(uri))
         meta = Model.load(local / "MLmodel")
+    except models.ModelFileError as exc:
+        raise ServeError(str(exc)) from None
     except (MlflowException, OSError) as exc:
         raise ServeError(f"{uri}: {getattr(exc, 'message', exc)}") from None
     loader = meta.flavors.get(serving.FLAVOR, {}).get("loader_module")
-    fmt = meta.flavors.get("sklearn", {}).get("serialization_format")
-    if loader != serving.__name__ or fmt != "skops":
+    if loader != serving.__name__:
         raise ServeError(f"{uri} is not a model this pipeline serves (python_function loader "
-                         f"{loader!r}, sklearn format {fmt!r}; expected {serving.__name__!r} "
-                         "and 'skops'): retrain it with `make train`")
+                         f"{loader!r}, expected {serving.__name__!r}): retrain it with "
+                         "`make train`")
     try:
         implementation = serving._load_pyfunc(str(local))
     except models.ModelFileError as exc:
@@ -205,14 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
-    model_uri = args.model or store.model_uri(cfg.mlflow)
+    requested = args.model or store.model_uri(cfg.mlflow)
     store.quiet_mlflow()
     uri = store.connect(cfg.mlflow, experiment=False)
     try:
-        model = load_served_model(model_uri)
-    except ServeError as exc:
+        resolved = predict.resolve_model(requested, cfg.mlflow)  # an alias pinned to its version
+        model = load_served_model(resolved.uri, resolved.tracking_uri)
+    except (ServeError, predict.ModelError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
-        return 3
+        return predict.EXIT_MODEL
+    model_uri = resolved.description
     import uvicorn
     from mlflow.pyfunc import scoring_server
 

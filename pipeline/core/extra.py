@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.core.files import MAX_IMAGE_FILE_BYTES, read_bounded
+
 IMAGE_SIZE = (28, 28)  # width, height
 IMAGE_MODE = "L"
 PNG_SUFFIX = ".png"
@@ -156,8 +158,14 @@ def read_png(path: str | Path) -> np.ndarray:
     """Read one extra image as a (28, 28) uint8 array; ValueError names the file and problem."""
     path = Path(path)
     try:
-        return decode_png(path.read_bytes())
-    except (ValueError, OSError) as exc:
+        data = read_bounded(path, MAX_IMAGE_FILE_BYTES)
+    except ValueError:
+        raise  # read_bounded names the file
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        return decode_png(data)
+    except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
 
@@ -208,10 +216,10 @@ def _scan(
             if not _is_png_name(file):
                 continue
             try:
-                data = file.read_bytes()
+                data = read_bounded(file, MAX_IMAGE_FILE_BYTES)
                 array = decode_png(data)
             except (ValueError, OSError) as exc:
-                problems.append(ExtraProblem(file, str(exc)))
+                problems.append(ExtraProblem(file, str(exc).removeprefix(f"{file}: ")))
                 continue
             images.append(array)
             labels.append(label)

@@ -1,17 +1,23 @@
-"""Atomic file writes, MD5 checksums and byte-reproducible `.npz` archives.
+"""Atomic file writes, bounded reads, MD5 checksums and byte-reproducible `.npz` archives.
 
 Every output of the pipeline is written through `atomic_write`, so a crash, a full disk or a
 Ctrl-C leaves either the previous file or the new one, never half of one: DVC and the next
-stage can then trust whatever file they find.
+stage can then trust whatever file they find. A write that fails names the file it was for.
+
+Every input a user hands over (images to predict or add) is read through `open_regular`: only
+a regular file, up to a size limit, so a FIFO, a device (a symlink to /dev/zero) or a huge file
+is refused at once with its name instead of hanging or filling the memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import secrets
+import stat
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,6 +26,58 @@ from typing import BinaryIO
 import numpy as np
 
 CHUNK_SIZE = 1 << 20
+
+# Per file: one 28x28 PNG is under 1 KB; the whole official training set is a 47 MB IDX file.
+MAX_IMAGE_FILE_BYTES = 1 << 20
+MAX_ARRAY_FILE_BYTES = 512 << 20
+
+
+class FileRefusedError(ValueError):
+    """An input that is not a regular file of a sensible size; the message names it."""
+
+
+def _kind_of(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+@contextlib.contextmanager
+def open_regular(path: str | Path, limit: int) -> Iterator[BinaryIO]:
+    """Open `path` for reading if it is a regular file of at most `limit` bytes.
+
+    Opened without blocking (a FIFO with no writer would otherwise hang here), then checked on
+    the open descriptor, so a symlink is judged by what it points to and cannot be swapped
+    between the check and the read. FileRefusedError names the file and why.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefusedError(f"{path}: {_kind_of(info.st_mode)}; only regular files "
+                                   "are read")
+        if info.st_size > limit:
+            raise FileRefusedError(f"{path}: {info.st_size} bytes, more than the {limit} "
+                                   "bytes allowed for one file")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def read_bounded(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (see `open_regular`)."""
+    with open_regular(path, limit) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew after the check
+        raise FileRefusedError(f"{path}: more than the {limit} bytes allowed for one file")
+    return data
 
 # Zip entries carry a timestamp; a fixed one (the earliest a zip file can hold) keeps the
 # archives byte-identical from run to run.
@@ -88,6 +146,15 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if exc.filename is not None:
+            raise
+        # A full disk reports only "[Errno 28] No space left on device": say which file.
+        hint = "; free some space and run again" if exc.errno in (errno.ENOSPC,
+                                                                  errno.EDQUOT) else ""
+        raise type(exc)(exc.errno, f"{exc.strerror or exc}{hint}", str(path)) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

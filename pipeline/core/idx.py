@@ -12,6 +12,7 @@ are usually gzipped; gzip is recognised by its magic bytes (or a `.gz` name) and
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -19,7 +20,12 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.core.files import atomic_write_bytes
+from pipeline.core.files import (
+    MAX_ARRAY_FILE_BYTES,
+    FileRefusedError,
+    atomic_write_bytes,
+    read_bounded,
+)
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, columns)
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
@@ -43,9 +49,11 @@ def _fail(path: Path, problem: str) -> IdxFormatError:
 def _read_bytes(path: Path) -> tuple[bytes, bool]:
     """The file's IDX bytes, and whether they had to be decompressed."""
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_ARRAY_FILE_BYTES)
     except FileNotFoundError:
         raise _fail(path, "file not found") from None
+    except FileRefusedError as exc:
+        raise IdxFormatError(str(exc)) from None
     if raw[:2] != GZIP_MAGIC:
         # An uncompressed IDX file (starting 00 00) that merely carries a .gz name is readable.
         if path.suffix.lower() == ".gz" and raw[:2] != b"\x00\x00":
@@ -54,7 +62,11 @@ def _read_bytes(path: Path) -> tuple[bytes, bool]:
             )
         return raw, False
     try:
-        return gzip.decompress(raw), True
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:  # bounded: no gzip bomb
+            data = stream.read(MAX_ARRAY_FILE_BYTES + 1)
+        if len(data) > MAX_ARRAY_FILE_BYTES:
+            raise _fail(path, f"decompresses to more than {MAX_ARRAY_FILE_BYTES} bytes")
+        return data, True
     except EOFError:
         raise _fail(
             path, f"truncated gzip stream: the compressed file ends early ({len(raw)} bytes)"

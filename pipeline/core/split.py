@@ -92,6 +92,34 @@ def allocate(counts: Sequence[int] | np.ndarray, fraction: Fraction,
     return selected
 
 
+def check_val_size(class_counts: Sequence[int] | np.ndarray, val_size: int) -> None:
+    """Every class must keep training images and get validation images, whatever the seed.
+
+    `class_counts` are the official training images per class; `allocate` gives each class the
+    floor or the ceiling of its share, so both bounds are checked. DatasetError names
+    `data.val_size` and the range that works for these counts.
+    """
+    counts = [int(c) for c in class_counts]
+    n_official = sum(counts)
+    if not 0 < val_size < n_official:
+        raise DatasetError(
+            f"data.val_size={val_size} is invalid: expected between 1 and {n_official - 1}, "
+            f"the official training set having {n_official} images"
+        )
+    fraction = Fraction(val_size, n_official)
+    shares = [fraction * c for c in counts]
+    if all(share >= 1 and c - share >= 1 for share, c in zip(shares, counts, strict=True)):
+        return
+    smallest = min(c for c in counts if c)
+    low = -(-n_official // smallest)  # ceil: the smallest class gets at least one
+    high = n_official - low
+    raise DatasetError(
+        f"data.val_size={val_size} is invalid: with {n_official} official training images "
+        f"({smallest} in the smallest class) every class must keep training images and get "
+        f"validation images; expected between {low} and {high}"
+    )
+
+
 def stratified_split(labels: np.ndarray, fraction: Fraction, rng: np.random.Generator,
                      n_classes: int = N_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Indices (ascending) of the kept and the selected items, selected per `allocate`."""
@@ -133,11 +161,7 @@ def make_split(
     check_labelled(official["test_images"], official["test_labels"], "official test set",
                    n_classes)
     n_official = len(train_labels)
-    if not 0 < val_size < n_official:
-        raise DatasetError(
-            f"val_size={val_size} is invalid: expected between 1 and {n_official - 1}, "
-            f"the official training set having {n_official} images"
-        )
+    check_val_size(np.bincount(train_labels, minlength=n_classes), val_size)
     if extra_images is None or extra_labels is None:
         extra_images = np.zeros((0, 28, 28), dtype=np.uint8)
         extra_labels = np.zeros(0, dtype=np.uint8)

@@ -56,7 +56,8 @@ def train(cfg: config.Config, out: Outputs, source: str,
     commit, dirty = tracking.git_commit()
     data_version = tracking.data_version(cfg.data)
     tags = {"model": spec.kind, "source": source, "git_commit": commit,
-            "git_dirty": str(dirty).lower(), **data_version, **tracking.dvc_experiment_tags()}
+            "git_dirty": str(dirty).lower(), **data_version, **tracking.dvc_experiment_tags(),
+            **tracking.process_tags()}
     if overrides:
         tags["hydra_overrides"] = " ".join(overrides)
     tags[tracking.NOTE] = tracking.describe_training(spec.run_name, spec.kind, len(y), len(y_val),
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         models.check_params(cfg.model)  # a bad value fails before MLflow is even imported
         store.connect(cfg.mlflow)
+        tracking.fail_killed_runs(cfg.mlflow.experiment)
         train(cfg, Outputs(), "dvc")
 
     return stage_main("train", "Fit the configured model; open the pipeline's MLflow run.", argv,

@@ -4,6 +4,10 @@ The config keys are the estimator's own parameter names, so building a model is
 `factory(**params)` and checking the values is the estimator's own parameter validation
 (scikit-learn's `_parameter_constraints`): there is no second copy of the defaults or the rules.
 Whatever the kind, `fit` returns a per-epoch history in the same shape.
+
+A model is only ever rebuilt by skops with TRUSTED_TYPES: a `.skops` file with `load`, a logged
+or registered model with `load_model_uri`, which reads the model's MLmodel file and refuses any
+other format before a byte of the model itself is downloaded. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from typing import Any
 from pipeline.support.config import ConfigError
 
 
-class ModelFileError(RuntimeError):
-    """The model file is missing or not a model this pipeline wrote."""
+class ModelFileError(ValueError):
+    """The model file is missing or not a model this pipeline wrote (a stage reports it in one
+    line, as every ValueError)."""
+
+
+class UntrustedModelError(ModelFileError):
+    """A logged model in a format that could run code when loaded (pickle, a custom pyfunc)."""
 
 
 # Types skops must be allowed to rebuild beyond its own safe list: our classes only.
@@ -179,24 +188,106 @@ def save(estimator, path: str | Path) -> None:
     atomic_write_bytes(path, skops.io.dumps(estimator))
 
 
-def load(path: str | Path):
-    """A model file written by `save`; only skops's safe types and TRUSTED_TYPES are rebuilt."""
+def _rebuild(path: Path, name: str):
+    """skops.io.load with TRUSTED_TYPES; ModelFileError names `name` and what is wrong."""
     import skops.io
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path} not found: run the train stage first (`dvc repro train`)")
     try:
         untrusted = set(skops.io.get_untrusted_types(file=path))
         unexpected = untrusted - set(TRUSTED_TYPES)
         if unexpected:
-            raise ModelFileError(
-                f"{path} contains types this pipeline does not trust: {sorted(unexpected)}")
+            raise UntrustedModelError(
+                f"{name} contains types this pipeline does not trust: {sorted(unexpected)}")
         return skops.io.load(path, trusted=sorted(untrusted))
     except ModelFileError:
         raise
     except Exception as exc:  # a truncated or foreign file fails in many ways inside skops
-        raise ModelFileError(f"{path} is not a readable skops model file: {exc}") from None
+        raise ModelFileError(f"{name} is not a readable skops model file "
+                             f"({type(exc).__name__}: {exc})") from None
+
+
+def load(path: str | Path):
+    """A model file written by `save`; only skops's safe types and TRUSTED_TYPES are rebuilt.
+
+    A missing, truncated or foreign file is a ModelFileError naming it and the way back.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path} not found: run the train stage first (`dvc repro train`)")
+    try:
+        return _rebuild(path, str(path))
+    except UntrustedModelError:
+        raise
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc}; restore it with `dvc checkout --force {path}` or retrain "
+                             "with `dvc repro -f train`") from None
+
+
+# The pyfunc loaders a model may declare: MLflow's scikit-learn loader and this pipeline's serving
+# loader (pipeline/support/serving.py); both read the same skops file with the TRUSTED_TYPES.
+TRUSTED_PYFUNC_LOADERS = ("mlflow.sklearn", "pipeline.support.serving")
+
+
+def trusted_model_file(uri: str, flavors: dict[str, Any]) -> str:
+    """The skops file of a logged model, once its MLmodel says nothing else can be loaded.
+
+    UntrustedModelError names the URI and the format found: pickle, cloudpickle, another flavor
+    or a pyfunc loader other than MLflow's scikit-learn one, or trusted types beyond ours.
+    """
+    sklearn = flavors.get("sklearn")
+    if not isinstance(sklearn, dict):
+        found = ", ".join(sorted(flavors)) or "none"
+        raise UntrustedModelError(f"{uri} is not a scikit-learn model saved with skops (flavors: "
+                                  f"{found}); this pipeline loads nothing else")
+    found_format = sklearn.get("serialization_format")
+    if found_format != "skops":
+        raise UntrustedModelError(
+            f"{uri} is saved as {found_format!r}, not 'skops': loading it could run arbitrary "
+            "code, so it is refused; log models with serialization_format='skops'")
+    extra_types = set(sklearn.get("skops_trusted_types") or ()) - set(TRUSTED_TYPES)
+    if extra_types:
+        raise UntrustedModelError(f"{uri} asks to trust types this pipeline does not trust: "
+                                  f"{sorted(extra_types)}")
+    pyfunc = flavors.get("python_function")
+    if isinstance(pyfunc, dict) and pyfunc.get("loader_module") not in TRUSTED_PYFUNC_LOADERS:
+        raise UntrustedModelError(
+            f"{uri} is served through the pyfunc loader {pyfunc.get('loader_module')!r}, not "
+            f"{' or '.join(TRUSTED_PYFUNC_LOADERS)}: refused")
+    name = sklearn.get("pickled_model")
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(
+            name).parts:
+        raise UntrustedModelError(f"{uri} names no usable model file ({name!r})")
+    return name
+
+
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """Read only the MLmodel file of `uri` and return its skops file's name, else refuse."""
+    from pipeline.support.store import quiet_mlflow
+
+    quiet_mlflow()
+    import mlflow
+    from mlflow.models import Model
+
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    return trusted_model_file(uri, Model.load(uri).flavors)
+
+
+def load_model_uri(uri: str, tracking_uri: str | None = None):
+    """A logged or registered model (`models:/`, `runs:/`, a local MLflow model folder).
+
+    The MLmodel file is checked first (`check_model_uri`); then only the skops file is fetched
+    and rebuilt by `load`. MLflow's own loaders are never called.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
+    name = check_model_uri(uri, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{name}",
+                                                    dst_path=tmp)
+        return _rebuild(Path(local), f"{uri} ({name})")
 
 
 def pip_requirements() -> list[str]:

@@ -2,7 +2,8 @@
 
 A stage's `main` hands its work to `stage_main`; expected errors (bad configuration or input, a
 missing run or model file, a store that cannot be reached) become one `<stage>: error: ...` line
-and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out.
+and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out. A
+tracked stage first closes the runs of killed processes (`tracking.fail_killed_runs`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def stage_main(
         cfg = config.load(args.params)
         if tracked:
             store.connect(cfg.mlflow)
+            tracking.fail_killed_runs(cfg.mlflow.experiment)
         message = body(cfg)
     except tracking.expected_errors() as exc:
         print(f"{name}: error: {tracking.explain(exc)}", file=sys.stderr)

@@ -3,12 +3,17 @@
 The store is `mlflow.tracking_uri` of the configuration unless $MLFLOW_TRACKING_URI is set, as
 everywhere in MLflow. Stages, predict, serve, ui, retrain and register's lock all ask here, so
 renaming the registered model or moving the store in `conf/` moves every command with it.
+
+A local sqlite store is checked (`PRAGMA quick_check`) before MLflow opens it, so a damaged
+`mlflow.db` is one line naming the file and how to restore it, not a SQLAlchemy traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sqlite3
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -39,6 +44,32 @@ def local_store_path(tracking_uri: str) -> Path | None:
     if parts.scheme in ("", "file"):
         return Path(parts.path)
     return None
+
+
+class StoreError(RuntimeError):
+    """The tracking store cannot be used as it is; the message says how to restore it."""
+
+
+def check_integrity(uri: str) -> None:
+    """A local sqlite store must pass `PRAGMA quick_check`; StoreError names it and the remedy.
+
+    Read-only and quick (it skips the index cross-checks of `integrity_check`); a store that does
+    not exist yet is fine: MLflow creates it.
+    """
+    path = local_store_path(uri)
+    if urlsplit(uri).scheme != "sqlite" or path is None or not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
+    if problems != ["ok"]:
+        raise StoreError(
+            f"the MLflow store {path} is damaged ({'; '.join(problems[:3])}). Restore it from a "
+            f"backup (copy {path.name} before each `mlflow db upgrade`), or recover what can "
+            f"be read: sqlite3 {path} .recover | sqlite3 {path}.recovered && mv {path} "
+            f"{path}.damaged && mv {path}.recovered {path}")
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
@@ -77,11 +108,12 @@ def quiet_mlflow() -> None:
 
 
 def connect(cfg: MlflowConfig, experiment: bool = True) -> str:
-    """Point MLflow at the project's store (and experiment); returns the tracking URI."""
+    """Point MLflow at the project's store (and experiment), once it passes `check_integrity`."""
     quiet_mlflow()
     import mlflow
 
     uri = tracking_uri(cfg)
+    check_integrity(uri)
     mlflow.set_tracking_uri(uri)
     if experiment:
         mlflow.set_experiment(cfg.experiment)

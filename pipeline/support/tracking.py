@@ -3,6 +3,11 @@
 The train stage opens the run and writes its id to `models/run.json`; evaluate and register
 resume that run, so one pipeline execution is one row in the MLflow UI. Any exception inside
 `resume` marks the run FAILED (MLflow's context manager does so) before it propagates.
+
+A process killed outright (SIGKILL, out of memory, a lost machine) cannot close its run, so each
+run records the host and process id that own it (`process_tags`), and every tracked stage start
+marks the runs whose process is gone as FAILED with `failure_reason=killed`
+(`fail_killed_runs`, for any command that starts runs).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +26,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config
+from pipeline.support import config, store
 
 # What a commit's code is: a run is "dirty" only if these differ from the commit, not because
 # DVC rewrote its own outputs (dvc.lock, metrics/) during the pipeline.
@@ -32,7 +38,7 @@ class RunFileError(RuntimeError):
 
 
 _EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    config.ConfigError, RunFileError, OSError, ValueError, KeyError,
+    config.ConfigError, RunFileError, store.StoreError, OSError, ValueError, KeyError,
 )
 
 
@@ -179,7 +185,58 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
         raise RunFileError(f"MLflow run {run_id} is {status}: rerun `dvc repro` (evaluate redoes "
                            "a failed evaluation), or retrain with `dvc repro -f -s train`")
     with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags(process_tags())  # this process owns the run now (`fail_killed_runs`)
         yield run
+
+
+KILLED = "killed"
+
+
+def process_tags() -> dict[str, str]:
+    """Who owns a new run: `fail_killed_runs` on the same host checks whether it still lives."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: gone all the same
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def fail_killed_runs(experiment: str) -> list[str]:
+    """Mark FAILED (`failure_reason=killed`) the RUNNING runs of this host whose process is gone.
+
+    Only runs tagged by `process_tags` on this host are judged, so it is safe on a tracking
+    server that other machines share. Returns the ids of the runs it closed.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname().replace("'", "")
+    closed = []
+    for run in client.search_runs(
+            [found.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "failure_reason", KILLED)
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    if closed:
+        print(f"marked FAILED (killed: process gone): MLflow run {', '.join(closed)}",
+              file=sys.stderr)
+    return closed
 
 
 def fail_runs_on_sigterm() -> None:
