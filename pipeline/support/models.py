@@ -154,9 +154,9 @@ def fit(estimator: Any, X, y, X_val, y_val,
         log_proba = estimator.predict_log_proba(features)
         record[f"{split}_loss"] = cross_entropy(log_proba, labels)
         record[f"{split}_accuracy"] = float((log_proba.argmax(axis=1) == labels).mean())
-    record.update(lr=None, seconds=time.perf_counter() - started)
+    record["lr"] = None
     if on_epoch is not None:
-        on_epoch(dict(record))
+        on_epoch({**record, "seconds": time.perf_counter() - started})
     return [record]
 
 
@@ -171,12 +171,65 @@ def best_epoch(estimator: Any, history: list[dict[str, Any]]) -> int:
 
 
 def save(estimator, path: str | Path) -> None:
-    """Write atomically with skops: loading it later runs no arbitrary code."""
+    """Write atomically with skops: loading it later runs no arbitrary code.
+
+    The archive is made reproducible first (`reproducible_skops`): the same model gives the same
+    bytes, so DVC caches it once and `dvc.lock` shows whether a retrain reproduced it.
+    """
     import skops.io
 
     from pipeline.core.files import atomic_write_bytes
 
-    atomic_write_bytes(path, skops.io.dumps(estimator))
+    atomic_write_bytes(path, reproducible_skops(skops.io.dumps(estimator)))
+
+
+# 1980-01-01, the earliest time a zip entry can carry: no build time in the file.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def reproducible_skops(archive: bytes) -> bytes:
+    """The same skops archive with nothing that depends on the process or the clock.
+
+    skops names each object by its memory address (`__id__`, and the `<id>.npy` file of each
+    array) and stamps every zip entry with the current time. Here the ids become 1, 2, ... in the
+    order they first appear in `schema.json` (the same object keeps one number, so shared
+    references still load as one object), files are renamed to match, entries are sorted and
+    stored uncompressed with a fixed date and mode. `skops.io.load` reads it as before.
+    """
+    import io
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as source:
+        schema = json.loads(source.read("schema.json"))
+        ids: dict[int, int] = {}
+        files: dict[str, str] = {}
+
+        def renumber(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "__id__" and isinstance(value, int):
+                        node[key] = ids.setdefault(value, len(ids) + 1)
+                    elif key == "file" and isinstance(value, str):
+                        suffix = Path(value).suffix
+                        node[key] = files.setdefault(value, f"{len(files) + 1}{suffix}")
+                    else:
+                        renumber(value)
+            elif isinstance(node, list):
+                for value in node:
+                    renumber(value)
+
+        renumber(schema)
+        entries = {new: source.read(old) for old, new in files.items()}
+    entries["schema.json"] = json.dumps(schema, indent=2).encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.create_system = 3  # Unix, whatever the platform that wrote it
+            info.external_attr = 0o644 << 16
+            target.writestr(info, entries[name])
+    return buffer.getvalue()
 
 
 def load(path: str | Path):
