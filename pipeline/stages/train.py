@@ -42,7 +42,6 @@ def train(cfg: config.Config, out: Outputs, source: str,
     import mlflow
     import mlflow.sklearn
     import pandas as pd
-    from mlflow.models import infer_signature
     from tqdm import tqdm
 
     from pipeline.core.estimator import HISTORY_KEYS
@@ -111,7 +110,7 @@ def train(cfg: config.Config, out: Outputs, source: str,
             name="model",
             serialization_format="skops",
             skops_trusted_types=models.TRUSTED_TYPES,
-            signature=infer_signature(X[:5], estimator.predict(X[:5])),
+            signature=models.signature(estimator, X),
             input_example=X[:2],
             pip_requirements=models.pip_requirements(),
             code_paths=[str(Path(__file__).parents[1])],

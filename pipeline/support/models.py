@@ -252,6 +252,20 @@ def load(path: str | Path):
         raise ModelFileError(f"{path} is not a readable skops model file: {exc}") from None
 
 
+def signature(estimator: Any, X) -> Any:
+    """The MLflow signature from what is known: images in, the model's class labels out.
+
+    The same as `mlflow.models.infer_signature(X, estimator.predict(X))`, without predicting.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(X.dtype, (-1, X.shape[1]))]),
+        outputs=Schema([TensorSpec(np.asarray(estimator.classes_).dtype, (-1,))]))
+
+
 def pip_requirements() -> list[str]:
     """Pinned explicitly: MLflow's inference starts a subprocess and costs seconds per model."""
     from importlib.metadata import version
