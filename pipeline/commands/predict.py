@@ -204,6 +204,7 @@ def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
 
 def _load_from_mlflow(uri: str, tracking_uri: str) -> tuple[Any, str]:
     store.quiet_mlflow()
+    models.import_skops()  # before MLflow imports it: skops's table of trusted types, kept once
     import mlflow
     import mlflow.sklearn
     from mlflow.tracking import MlflowClient

@@ -8,10 +8,14 @@ Whatever the kind, `fit` returns a per-epoch history in the same shape.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import json
 import re
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,17 +174,66 @@ def best_epoch(estimator: Any, history: list[dict[str, Any]]) -> int:
     return int(getattr(estimator, "best_epoch_", history[-1]["epoch"]))
 
 
+# skops's table of the types it trusts by default (a copy is kept, see import_skops).
+_TRUSTED_TYPES_MODULE = "skops.io._trusted_types"
+_TABLE_PACKAGES = ("skops", "scikit-learn", "numpy", "scipy")
+
+
+def _trusted_types_cache() -> tuple[Path, str]:
+    from importlib.metadata import version
+
+    key = " ".join([sys.version.split()[0], *(f"{p}=={version(p)}" for p in _TABLE_PACKAGES)])
+    return Path(sys.prefix) / "skops-trusted-types.json", key
+
+
+def import_skops() -> types.ModuleType:
+    """`skops.io`, without rebuilding its table of default-trusted types in every process.
+
+    Importing skops.io builds that table by importing every scikit-learn estimator and scanning
+    numpy and scipy: about a second, in each stage and each `predict`. The table only changes
+    with the installed packages, so the first import in an environment keeps skops's own table
+    next to the interpreter (in `sys.prefix`, as trusted as the packages themselves), keyed by
+    the Python and package versions, and later imports hand it to skops. It grants nothing that
+    skops would not: a table of another version, or none, means the normal import.
+    """
+    if "skops.io" in sys.modules:
+        return sys.modules["skops.io"]
+    from pipeline.core.files import atomic_write_text
+
+    path, key = _trusted_types_cache()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key and isinstance(cached.get("names"), dict):
+        table = types.ModuleType(_TRUSTED_TYPES_MODULE)
+        vars(table).update(cached["names"])
+        sys.modules[_TRUSTED_TYPES_MODULE] = table
+        try:
+            import skops.io
+            return skops.io
+        except ImportError:  # skops wants a name the copy lacks: forget it, import normally
+            for name in [name for name in sys.modules if name.startswith("skops.io")]:
+                del sys.modules[name]
+    import skops.io
+
+    names = {name: value for name, value in vars(sys.modules[_TRUSTED_TYPES_MODULE]).items()
+             if name.isupper() and isinstance(value, list)
+             and all(isinstance(item, str) for item in value)}
+    with contextlib.suppress(OSError):  # read-only: every process scans, as without a copy
+        atomic_write_text(path, json.dumps({"key": key, "names": names}, indent=1) + "\n")
+    return skops.io
+
+
 def save(estimator, path: str | Path) -> None:
     """Write atomically with skops: loading it later runs no arbitrary code.
 
     The archive is made reproducible first (`reproducible_skops`): the same model gives the same
     bytes, so DVC caches it once and `dvc.lock` shows whether a retrain reproduced it.
     """
-    import skops.io
-
     from pipeline.core.files import atomic_write_bytes
 
-    atomic_write_bytes(path, reproducible_skops(skops.io.dumps(estimator)))
+    atomic_write_bytes(path, reproducible_skops(import_skops().dumps(estimator)))
 
 
 # 1980-01-01, the earliest time a zip entry can carry: no build time in the file.
@@ -234,18 +287,17 @@ def reproducible_skops(archive: bytes) -> bytes:
 
 def load(path: str | Path):
     """A model file written by `save`; only skops's safe types and TRUSTED_TYPES are rebuilt."""
-    import skops.io
-
+    skops_io = import_skops()
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path} not found: run the train stage first (`dvc repro train`)")
     try:
-        untrusted = set(skops.io.get_untrusted_types(file=path))
+        untrusted = set(skops_io.get_untrusted_types(file=path))
         unexpected = untrusted - set(TRUSTED_TYPES)
         if unexpected:
             raise ModelFileError(
                 f"{path} contains types this pipeline does not trust: {sorted(unexpected)}")
-        return skops.io.load(path, trusted=sorted(untrusted))
+        return skops_io.load(path, trusted=sorted(untrusted))
     except ModelFileError:
         raise
     except Exception as exc:  # a truncated or foreign file fails in many ways inside skops
