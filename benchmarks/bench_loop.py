@@ -122,14 +122,14 @@ def main() -> int:
             (copy.root / "params.yaml").read_text().replace("learning_rate: 0.01",
                                                             "learning_rate: -1"))
         for repeat in range(args.repeats):
-            record("make train, nothing changed", copy.make_train())
-            copy.set_learning_rate(0.02 if repeat % 2 == 0 else 0.01)
+            # A value not run before: DVC's run cache cannot stand in for the work.
+            copy.set_learning_rate(round(0.02 + 0.005 * repeat, 3))
             seconds = copy.timed(str(VENV / "bin/dvc"), "repro")
             record("dvc repro after a model.* change", seconds)
             record("fit (train_seconds)", copy.fit_seconds())
             ratios.append(seconds / copy.fit_seconds())
-            copy.set_learning_rate(0.03)  # each stage alone, as DVC runs it
-            for stage in STAGES:
+            record("make train, nothing changed", copy.make_train())
+            for stage in STAGES:  # each stage alone, as DVC runs it
                 record(f"stage {stage}", copy.timed(str(VENV / "bin/python"), "-m",
                                                     f"pipeline.stages.{stage}"))
             record("predict one.png (champion)",
@@ -140,8 +140,6 @@ def main() -> int:
             record("configuration error, train stage",
                    copy.timed(str(VENV / "bin/python"), "-m", "pipeline.stages.train",
                               "--params", "bad.yaml", expect=1))
-            copy.set_learning_rate(0.01)
-            copy.timed(str(VENV / "bin/dvc"), "repro")  # back to the committed parameters
 
     print(f"\n{'what':<50}{'median (s)':>12}{'runs':>30}")
     for name, values in times.items():
