@@ -24,7 +24,7 @@ export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
+.PHONY: help setup params data train test test-fast lint bench bench-loop ui serve predict retrain \
 	schedule unschedule schedule-systemd add-data clean
 
 help: ## List the targets
@@ -89,6 +89,9 @@ lint: setup ## Check style with ruff
 
 bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real data
 	$(PYTHON) benchmarks/bench_softmax.py
+
+bench-loop: setup ## Time the loop from a parameter change to a registered model, on the real data
+	$(PYTHON) benchmarks/bench_loop.py
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

@@ -231,6 +231,7 @@ def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
     tracking_uri = store.tracking_uri(mlflow_cfg)
     check_store(tracking_uri)
     store.quiet_mlflow()
+    models.import_skops()  # before MLflow imports it: skops's table of trusted types, kept once
     import mlflow
     from mlflow.tracking import MlflowClient
 

@@ -30,9 +30,8 @@ from pipeline.core.preprocessing import (
 )
 from pipeline.core.softmax import cross_entropy, log_softmax, softmax
 
-HISTORY_KEYS = (
-    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
-)
+# No wall time here: history_ is saved with the model, and the same fit must give the same file.
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 _ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
 
 
@@ -215,7 +214,9 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         `train_accuracy` are running means over the epoch's mini-batches (cross-entropy without
         the penalty); `val_loss`/`val_accuracy` are measured on the validation data after the
         epoch and are None when there is no validation data; `lr` is the rate at the start of
-        the epoch; `seconds` is the epoch's wall time including validation.
+        the epoch. The callback gets each record with one more key, `seconds`, the epoch's
+        wall time including validation (kept out of the model, whose file must not depend on
+        the clock).
     best_epoch_ : int
         The (1-based) epoch whose weights the model holds: the last one unless early stopping
         restored an earlier one.
@@ -326,7 +327,8 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
     ) -> SoftmaxRegression:
         """Train from zero weights; `eval_set=(X_val, y_val)` feeds val metrics/early stopping.
 
-        `callback(epoch_record)` is called after every epoch with a copy of the history record.
+        `callback(epoch_record)` is called after every epoch with a copy of the history record
+        and the epoch's wall time, `seconds`.
         Raises TrainingDivergedError if the loss stops being finite. A fit that raises leaves
         no fitted attributes behind (not even those of an earlier successful fit), so a failed
         model can never be used by mistake.
@@ -459,11 +461,10 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 "val_loss": val_loss,
                 "val_accuracy": val_accuracy,
                 "lr": epoch_lr,
-                "seconds": time.perf_counter() - started,
             }
             history.append(record)
             if callback is not None:
-                callback(dict(record))
+                callback({**record, "seconds": time.perf_counter() - started})
 
             if self.early_stopping:
                 if val_loss < best_val_loss:

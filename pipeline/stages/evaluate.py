@@ -12,16 +12,22 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.core.files import atomic_write_text
-from pipeline.core.metrics import Evaluation, evaluate_predictions
 from pipeline.core.split import load_split
-from pipeline.support import config, figures, models, tracking
+from pipeline.support import config, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.stage import stage_main
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.core.metrics import Evaluation
+
+# pandas, scikit-learn, matplotlib and MLflow are imported where used: `python -m pipeline.train`
+# imports this module, and reports a configuration error before any of them is needed.
 
 SPLITS = ("test", "val")
 
@@ -35,6 +41,10 @@ def record_split(
     class_names: list[str], out: Outputs,
 ) -> None:
     """Files for DVC and people, and the same figures and tables in the MLflow run."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.support import figures
 
     y_pred = proba.argmax(axis=1)
     names = np.asarray(class_names)
@@ -71,6 +81,9 @@ def record_split(
 def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, float]]:
     """Evaluate `out.model` inside MLflow run `run_id`; returns the metrics per split."""
     import mlflow
+
+    from pipeline.core.metrics import evaluate_predictions
+    from pipeline.support import models
 
     model = models.load(out.model)
     class_names = list(cfg.data.class_names)

@@ -96,9 +96,12 @@ def misclassified_figure(
 
 
 def save(fig: Figure, path: str | Path) -> None:
-    """Write a PNG atomically (a half-written figure never replaces a good one)."""
+    """Write a PNG atomically (a half-written figure never replaces a good one).
+
+    No metadata (matplotlib writes its version otherwise): the file holds the picture only.
+    """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
     atomic_write_bytes(path, buffer.getvalue())
 
 

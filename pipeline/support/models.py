@@ -12,10 +12,14 @@ other format before a byte of the model itself is downloaded. Nothing is unpickl
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import json
 import re
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +167,9 @@ def fit(estimator: Any, X, y, X_val, y_val,
         log_proba = estimator.predict_log_proba(features)
         record[f"{split}_loss"] = cross_entropy(log_proba, labels)
         record[f"{split}_accuracy"] = float((log_proba.argmax(axis=1) == labels).mean())
-    record.update(lr=None, seconds=time.perf_counter() - started)
+    record["lr"] = None
     if on_epoch is not None:
-        on_epoch(dict(record))
+        on_epoch({**record, "seconds": time.perf_counter() - started})
     return [record]
 
 
@@ -179,26 +183,127 @@ def best_epoch(estimator: Any, history: list[dict[str, Any]]) -> int:
     return int(getattr(estimator, "best_epoch_", history[-1]["epoch"]))
 
 
-def save(estimator, path: str | Path) -> None:
-    """Write atomically with skops: loading it later runs no arbitrary code."""
+# skops's table of the types it trusts by default (a copy is kept, see import_skops).
+_TRUSTED_TYPES_MODULE = "skops.io._trusted_types"
+_TABLE_PACKAGES = ("skops", "scikit-learn", "numpy", "scipy")
+
+
+def _trusted_types_cache() -> tuple[Path, str]:
+    from importlib.metadata import version
+
+    key = " ".join([sys.version.split()[0], *(f"{p}=={version(p)}" for p in _TABLE_PACKAGES)])
+    return Path(sys.prefix) / "skops-trusted-types.json", key
+
+
+def import_skops() -> types.ModuleType:
+    """`skops.io`, without rebuilding its table of default-trusted types in every process.
+
+    Importing skops.io builds that table by importing every scikit-learn estimator and scanning
+    numpy and scipy: about a second, in each stage and each `predict`. The table only changes
+    with the installed packages, so the first import in an environment keeps skops's own table
+    next to the interpreter (in `sys.prefix`, as trusted as the packages themselves), keyed by
+    the Python and package versions, and later imports hand it to skops. It grants nothing that
+    skops would not: a table of another version, or none, means the normal import.
+    """
+    if "skops.io" in sys.modules:
+        return sys.modules["skops.io"]
+    from pipeline.core.files import atomic_write_text
+
+    path, key = _trusted_types_cache()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key and isinstance(cached.get("names"), dict):
+        table = types.ModuleType(_TRUSTED_TYPES_MODULE)
+        vars(table).update(cached["names"])
+        sys.modules[_TRUSTED_TYPES_MODULE] = table
+        try:
+            import skops.io
+            return skops.io
+        except ImportError:  # skops wants a name the copy lacks: forget it, import normally
+            for name in [name for name in sys.modules if name.startswith("skops.io")]:
+                del sys.modules[name]
     import skops.io
 
+    names = {name: value for name, value in vars(sys.modules[_TRUSTED_TYPES_MODULE]).items()
+             if name.isupper() and isinstance(value, list)
+             and all(isinstance(item, str) for item in value)}
+    with contextlib.suppress(OSError):  # read-only: every process scans, as without a copy
+        atomic_write_text(path, json.dumps({"key": key, "names": names}, indent=1) + "\n")
+    return skops.io
+
+
+def save(estimator, path: str | Path) -> None:
+    """Write atomically with skops: loading it later runs no arbitrary code.
+
+    The archive is made reproducible first (`reproducible_skops`): the same model gives the same
+    bytes, so DVC caches it once and `dvc.lock` shows whether a retrain reproduced it.
+    """
     from pipeline.core.files import atomic_write_bytes
 
-    atomic_write_bytes(path, skops.io.dumps(estimator))
+    atomic_write_bytes(path, reproducible_skops(import_skops().dumps(estimator)))
+
+
+# 1980-01-01, the earliest time a zip entry can carry: no build time in the file.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def reproducible_skops(archive: bytes) -> bytes:
+    """The same skops archive with nothing that depends on the process or the clock.
+
+    skops names each object by its memory address (`__id__`, and the `<id>.npy` file of each
+    array) and stamps every zip entry with the current time. Here the ids become 1, 2, ... in the
+    order they first appear in `schema.json` (the same object keeps one number, so shared
+    references still load as one object), files are renamed to match, entries are sorted and
+    stored uncompressed with a fixed date and mode. `skops.io.load` reads it as before.
+    """
+    import io
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(archive)) as source:
+        schema = json.loads(source.read("schema.json"))
+        ids: dict[int, int] = {}
+        files: dict[str, str] = {}
+
+        def renumber(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "__id__" and isinstance(value, int):
+                        node[key] = ids.setdefault(value, len(ids) + 1)
+                    elif key == "file" and isinstance(value, str):
+                        suffix = Path(value).suffix
+                        node[key] = files.setdefault(value, f"{len(files) + 1}{suffix}")
+                    else:
+                        renumber(value)
+            elif isinstance(node, list):
+                for value in node:
+                    renumber(value)
+
+        renumber(schema)
+        entries = {new: source.read(old) for old, new in files.items()}
+    entries["schema.json"] = json.dumps(schema, indent=2).encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.create_system = 3  # Unix, whatever the platform that wrote it
+            info.external_attr = 0o644 << 16
+            target.writestr(info, entries[name])
+    return buffer.getvalue()
 
 
 def _rebuild(path: Path, name: str):
     """skops.io.load with TRUSTED_TYPES; ModelFileError names `name` and what is wrong."""
-    import skops.io
-
+    skops_io = import_skops()
     try:
-        untrusted = set(skops.io.get_untrusted_types(file=path))
+        untrusted = set(skops_io.get_untrusted_types(file=path))
         unexpected = untrusted - set(TRUSTED_TYPES)
         if unexpected:
             raise UntrustedModelError(
                 f"{name} contains types this pipeline does not trust: {sorted(unexpected)}")
-        return skops.io.load(path, trusted=sorted(untrusted))
+        return skops_io.load(path, trusted=sorted(untrusted))
     except ModelFileError:
         raise
     except Exception as exc:  # a truncated or foreign file fails in many ways inside skops
