@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_baseline:
         def baseline() -> Pipeline:
             features = PixelFeatures(pixel_transform=ours.pixel_transform, power=ours.power,
-                                     scaling=ours.scaling)
+                                     hinges=ours.hinges, scaling=ours.scaling)
             return Pipeline([("features", features),
                              ("logreg", LogisticRegression(solver="lbfgs", max_iter=100))])
 
