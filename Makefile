@@ -11,6 +11,8 @@ PYTHON := $(BIN)/python
 PORT ?= 5001
 UI_PORT ?= 5000
 EVERY ?= weekly
+TRIALS ?= 12
+WORKERS ?= 2
 RETRAIN_ARGS ?=
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
@@ -20,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean
+	schedule unschedule schedule-systemd add-data clean tune
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +45,11 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
+
+tune: data ## Optuna search: TRIALS=12 WORKERS=2 [TIMEOUT=s STUDY=name SEED=n ARGS="overrides"]
+	$(PYTHON) -m pipeline.tune --trials $(TRIALS) --workers $(WORKERS) \
+		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(STUDY),--study "$(STUDY)") \
+		$(if $(SEED),--seed $(SEED)) $(ARGS)
 
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
