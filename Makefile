@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean tune
+	schedule unschedule schedule-systemd add-data clean tune bench-tune
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -88,6 +88,9 @@ lint: setup ## Check style with ruff
 
 bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real data
 	$(PYTHON) benchmarks/bench_softmax.py
+
+bench-tune: data ## Benchmark make tune: trials per minute with 1 and 2 workers, on the real data
+	$(PYTHON) benchmarks/bench_tune.py
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \
