@@ -225,8 +225,12 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
             if tickets.value <= 0:
                 return
             tickets.value -= 1
-        study.optimize(trainer, n_trials=1, catch=(TrainingDivergedError, config.ConfigError),
-                       callbacks=[lambda _, trial: _report(worker, trial, plan.space)])
+        try:
+            study.optimize(trainer, n_trials=1,
+                           catch=(TrainingDivergedError, config.ConfigError),
+                           callbacks=[lambda _, trial: _report(worker, trial, plan.space)])
+        except KeyboardInterrupt:  # Ctrl-C: Optuna and MLflow have marked the trial FAIL(ED)
+            return
 
 
 def _report(worker: int, trial: Any, space: search.SearchSpace) -> None:
