@@ -78,18 +78,31 @@ def n_output_features(n_pixels: int, hinges: int) -> int:
     return n_pixels * (1 + hinges)
 
 
+def _value_table(transform: str | None, power: float, hinges: int) -> np.ndarray:
+    """(256, 1 + hinges) float32: the features of each uint8 value."""
+    table = np.zeros((256, 1 + hinges), dtype=np.float32)
+    table[:, 0] = np.arange(256, dtype=np.float32)
+    _transform_inplace(table, transform, power, hinges)
+    return table
+
+
+def _gather(table: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
+    """out[i, p, :] = table[indices[i, p], :], each entry's floats moved as one opaque item
+    (a 1-D gather, about twice as fast as numpy's gather of rows along axis 0)."""
+    item = np.dtype((np.void, table.itemsize * table.shape[-1]))
+    np.take(table.view(item).ravel(), indices, mode="clip",
+            out=out.reshape(*indices.shape, table.shape[-1]).view(item).reshape(indices.shape))
+
+
 def _transform_chunk(X: np.ndarray, out: np.ndarray, transform: str | None, power: float,
                      hinges: int) -> None:
     """Write the features of the rows X into `out`, (rows, n_pixels * (1 + hinges))."""
-    per_pixel = out.reshape(X.shape[0], X.shape[1], 1 + hinges)
     if X.dtype == np.uint8:
         # A 256-entry lookup table per feature: one gather instead of arithmetic per pixel, and
         # bit-identical to transforming the same values given as floats.
-        table = np.zeros((256, 1 + hinges), dtype=np.float32)
-        table[:, 0] = np.arange(256, dtype=np.float32)
-        _transform_inplace(table, transform, power, hinges)
-        np.take(table, X.astype(np.intp), axis=0, out=per_pixel, mode="clip")
+        _gather(_value_table(transform, power, hinges), X.astype(np.intp), out)
     else:
+        per_pixel = out.reshape(X.shape[0], X.shape[1], 1 + hinges)
         per_pixel[..., 0] = X
         _transform_inplace(per_pixel, transform, power, hinges)
 
@@ -162,7 +175,7 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
     _parameter_constraints: dict = PIXEL_PARAMETER_CONSTRAINTS
 
     def __init__(
-        self, *, pixel_transform: str | None = "power", power: float = 0.3,
+        self, *, pixel_transform: str | None = "power", power: float = 0.25,
         scaling: str = "standard", hinges: int = 2,
     ):
         self.pixel_transform = pixel_transform
