@@ -14,6 +14,8 @@ PYTHON := $(BIN)/python
 PORT ?= 5001
 UI_PORT ?= 5000
 EVERY ?= weekly
+TRIALS ?= 12
+WORKERS ?= 2
 RETRAIN_ARGS ?=
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
@@ -25,7 +27,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train test test-fast lint bench bench-loop ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean
+	schedule unschedule schedule-systemd add-data clean tune bench-tune
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +52,11 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
+
+tune: data ## Optuna search: TRIALS=12 WORKERS=2 [TIMEOUT=s STUDY=name SEED=n ARGS="overrides"]
+	$(PYTHON) -m pipeline.tune --trials $(TRIALS) --workers $(WORKERS) \
+		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(STUDY),--study "$(STUDY)") \
+		$(if $(SEED),--seed $(SEED)) $(ARGS)
 
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
@@ -92,6 +99,9 @@ bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real dat
 
 bench-loop: setup ## Time the loop from a parameter change to a registered model, on the real data
 	$(PYTHON) benchmarks/bench_loop.py
+
+bench-tune: data ## Benchmark make tune: trials per minute with 1 and 2 workers, on the real data
+	$(PYTHON) benchmarks/bench_tune.py
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

@@ -105,7 +105,7 @@ def test_the_model_is_built_from_its_keys_as_they_are() -> None:
     assert isinstance(built, SoftmaxRegression)
     params = {key: value for key, value in PARAMS["model"].items() if key != "_target_"}
     assert built.get_params() == {**SoftmaxRegression().get_params(), **params}
-    assert spec.run_name == "softmax-adam-lr0.01-ep4-bs512"
+    assert spec.run_name == "softmax-adam-lr0.005-ep5-bs512"
 
 
 def test_tracking_uri_precedence_and_dvc_temp_copies(tmp_path, monkeypatch) -> None:

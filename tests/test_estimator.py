@@ -95,7 +95,7 @@ def test_gradient_kernel_works_in_float32():
 
 def test_separable_problem_is_learned_perfectly():
     X, y = blobs(spread=0.5)
-    model = SoftmaxRegression(**FAST).fit(X, y)
+    model = SoftmaxRegression(hinges=0, **FAST).fit(X, y)
     assert model.score(X, y) == 1.0
     assert model.coef_.shape == (3, N_FEATURES) and model.intercept_.shape == (3,)
     assert model.coef_.dtype == np.float32
@@ -114,6 +114,8 @@ def test_separable_problem_is_learned_perfectly():
         {"optimizer": "adam", "learning_rate": 0.01, "scaling": "minmax",
          "pixel_transform": None},
         {"optimizer": "adam", "learning_rate": 0.01, "pixel_transform": "sqrt"},
+        {"optimizer": "adam", "learning_rate": 0.01, "hinges": 0},
+        {"optimizer": "adam", "learning_rate": 0.01, "hinges": 3, "scaling": "minmax"},
     ],
 )
 def test_optimizers_schedules_and_preprocessing_all_learn(params):
@@ -149,28 +151,58 @@ def test_same_seed_gives_identical_weights():
     assert not np.array_equal(first.coef_, other.coef_)
 
 
-def test_uint8_and_float_pixels_give_identical_results():
+@pytest.mark.parametrize("hinges", [0, 2])
+def test_uint8_and_float_pixels_give_identical_results(hinges):
     """uint8 input takes a lookup-table path; it must match the arithmetic path exactly."""
     X, y = fake_images()
-    from_uint8 = SoftmaxRegression(pixel_transform="power", power=0.37, **FAST).fit(X, y)
-    from_float = SoftmaxRegression(pixel_transform="power", power=0.37, **FAST).fit(
-        X.astype(np.float64), y
-    )
+    params = {"pixel_transform": "power", "power": 0.37, "hinges": hinges, **FAST}
+    from_uint8 = SoftmaxRegression(**params).fit(X, y)
+    from_float = SoftmaxRegression(**params).fit(X.astype(np.float64), y)
     np.testing.assert_array_equal(from_uint8.coef_, from_float.coef_)
     np.testing.assert_array_equal(
         from_uint8.predict_proba(X), from_float.predict_proba(X.astype(np.float32))
     )
 
 
+def test_hinge_features_are_functions_of_one_pixel_each():
+    """The model stays additive: pixel p's features are p's power and max(x/255 - k, 0)."""
+    X, _ = fake_images(20)
+    features = PixelFeatures(hinges=3, scaling="minmax", power=0.5).fit_transform(X)
+    assert features.shape == (20, 64 * 4)
+    per_pixel = features.reshape(20, 64, 4)
+    x = X / 255.0
+    np.testing.assert_allclose(per_pixel[..., 0], x**0.5, rtol=1e-6)
+    for j, knot in enumerate((0.25, 0.5, 0.75), start=1):
+        np.testing.assert_allclose(per_pixel[..., j], np.maximum(x - knot, 0), atol=1e-6)
+    changed = X.copy()
+    changed[:, 5] = 255 - changed[:, 5]
+    moved = PixelFeatures(hinges=3, scaling="minmax", power=0.5).fit_transform(changed)
+    differs = np.flatnonzero((moved != features).any(axis=0))
+    assert set(differs // 4) == {5}
+
+
+def test_model_files_from_before_hinges_still_load(tmp_path):
+    """A PixelFeatures saved without `hinges` (older model files) predicts as it did."""
+    X, y = fake_images()
+    model = SoftmaxRegression(hinges=0, **FAST).fit(X, y)
+    del model.features_.__dict__["hinges"]
+    path = tmp_path / "old.skops"
+    sio.dump(model, path)
+    loaded = sio.load(path, trusted=sio.get_untrusted_types(file=path))
+    assert loaded.features_.hinges == 0
+    model.features_.hinges = 0
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+
+
 def test_standardisation_statistics_are_learned_from_transformed_pixels():
     X, y = fake_images()
-    model = SoftmaxRegression(epochs=1, pixel_transform="sqrt").fit(X, y)
+    model = SoftmaxRegression(epochs=1, pixel_transform="sqrt", hinges=0).fit(X, y)
     transformed = np.sqrt(X / 255.0)
     np.testing.assert_allclose(model.features_.mean_, transformed.mean(axis=0), rtol=1e-5)
     expected_scale = np.maximum(transformed.std(axis=0), 0.05)
     np.testing.assert_allclose(model.features_.scale_, expected_scale, rtol=1e-4)
 
-    minmax = SoftmaxRegression(epochs=1, scaling="minmax").fit(X, y)
+    minmax = SoftmaxRegression(epochs=1, scaling="minmax", hinges=0).fit(X, y)
     assert minmax.features_.mean_ is None and minmax.features_.scale_ is None
 
 
@@ -342,6 +374,8 @@ def test_eval_set_is_validated():
         ({"momentum": 1.0}, "momentum"),
         ({"patience": 0}, "patience"),
         ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"hinges": -1}, "hinges"),
+        ({"hinges": 1.5}, "hinges"),
     ],
 )
 def test_invalid_hyperparameters_are_named(params, name):
@@ -405,7 +439,9 @@ def test_pixel_features_give_the_estimators_features():
 @parametrize_with_checks(
     # Small batches and few epochs: the check data sets have 20-300 samples. No check is
     # expected to fail, so `expected_failed_checks` stays empty.
-    [SoftmaxRegression(epochs=20, batch_size=16, learning_rate=0.02), PixelFeatures()],
+    [SoftmaxRegression(epochs=20, batch_size=16, learning_rate=0.02),
+     SoftmaxRegression(epochs=20, batch_size=16, learning_rate=0.02, hinges=0),
+     PixelFeatures(), PixelFeatures(hinges=0)],
     expected_failed_checks=lambda estimator: {},
 )
 def test_scikit_learn_compatibility(estimator, check):

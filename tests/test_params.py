@@ -35,7 +35,7 @@ def test_check_flags_a_stale_file_and_make_params_fixes_it(tmp_path, monkeypatch
     monkeypatch.chdir(copy_project(tmp_path))
     assert params.main(["--check"]) == 0
     conf = tmp_path / "conf" / "model" / "softmax.yaml"
-    conf.write_text(conf.read_text().replace("epochs: 4", "epochs: 7"))
+    conf.write_text(conf.read_text().replace("epochs: 5", "epochs: 7"))
     assert params.main(["--check"]) == 1
     assert "make params" in capsys.readouterr().err
     assert params.main([]) == 0

@@ -136,21 +136,44 @@ def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
     assert challenger.tags["promotion_decision"] == "kept champion"
 
 
-def test_hydra_sweep_gives_one_complete_run_per_point(repo: Repo) -> None:
-    """`python -m pipeline.train -m ...` composes conf/; each point trains, evaluates, registers."""
+def test_hydra_sweep_registers_only_its_best_point_by_validation(repo: Repo) -> None:
+    """`python -m pipeline.train -m ...`: every point trains and evaluates; the sweep's best
+    point on validation, and only it, goes through the champion rule."""
     client = repo.client()
-    repo.run(sys.executable, "-m", "pipeline.train", "-m", "model.learning_rate=0.02,0.2",
-             "model.epochs=2", "hydra.sweep.dir=multirun/sweep")
+    before = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
+    result = repo.run(sys.executable, "-m", "pipeline.train", "-m",
+                      "model.learning_rate=0.02,0.2,0.000001", "model.epochs=2",
+                      "hydra.sweep.dir=multirun/sweep")
     experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
     runs = client.search_runs([experiment], "tags.source = 'hydra'")
-    assert sorted(run.data.params["model.learning_rate"] for run in runs) == ["0.02", "0.2"]
+    assert sorted(run.data.params["model.learning_rate"] for run in runs) == [
+        "0.02", "0.2", "1e-06"]
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert "test_accuracy" in run.data.metrics
+        assert "test_accuracy" in run.data.metrics and "val_accuracy" in run.data.metrics
         assert run.data.tags["hydra_overrides"].startswith("model.learning_rate=")
-        assert run.data.tags["registered_version"]
-    for point in ("0", "1"):
+    registered = [run for run in runs if "registered_version" in run.data.tags]
+    assert len(registered) == 1
+    best = max(runs, key=lambda run: run.data.metrics["val_accuracy"])
+    assert registered[0].info.run_id == best.info.run_id
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before + 1
+    assert "best point by validation accuracy" in result.stdout
+    for point in ("0", "1", "2"):
         assert (repo.root / "multirun" / "sweep" / point / "metrics" / "evaluate.json").is_file()
+
+
+def test_a_sweep_whose_points_all_fail_exits_non_zero(repo: Repo) -> None:
+    client = repo.client()
+    before = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
+    result = repo.run(sys.executable, "-m", "pipeline.train", "-m",
+                      "model.learning_rate=1e30,1e31", "model.optimizer=sgd",
+                      "model.lr_schedule=constant", "hydra.sweep.dir=multirun/diverging",
+                      check=False)
+    assert result.returncode == 1
+    assert "every point of the sweep" in result.stderr and "nothing was registered" in (
+        result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before
 
 
 def test_dvc_exp_run_with_set_param_and_group_override(repo: Repo) -> None:

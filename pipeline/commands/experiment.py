@@ -3,6 +3,11 @@
 Usage: python -m pipeline.train [HYDRA_OVERRIDE ...]        (one run, e.g. model.epochs=6)
        python -m pipeline.train -m model.learning_rate=0.01,0.1   (a sweep: one run per point)
 
+A sweep selects on validation, never on test: each point trains and evaluates, and when the
+sweep ends, `RegisterBestPoint` (a Hydra callback configured in conf/config.yaml) offers only the
+point with the best validation score to the champion rule, so a sweep adds at most one model
+version. A sweep whose points all failed exits 1.
+
 conf/ is composed with the overrides (no params.yaml, no DVC), and the stages' own functions run
 one after the other, writing into Hydra's output directory, so the points of a sweep never
 overwrite each other or the DVC outputs. This is the only module that chains stages by calls;
@@ -11,11 +16,15 @@ overwrite each other or the DVC outputs. This is the only module that chains sta
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +41,7 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[2] / CONFIG_DIR)
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base=None)
 def main(raw: DictConfig) -> float | None:
-    """One point: its promotion metric is the return value (a sweeper may read it)."""
+    """One point: its promotion metric on validation is the return value (for a sweeper)."""
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     tracking.fail_runs_on_sigterm()
@@ -47,14 +56,65 @@ def main(raw: DictConfig) -> float | None:
         tracking.fail_killed_runs(cfg.mlflow.experiment)
         record = train.train(cfg, out, "hydra", list(hydra_cfg.overrides.task))
         results = evaluate.run(cfg, out, record["run_id"])
-        register.run(cfg, out, record["run_id"], record["model_uri"])
+        if not sweeping:  # a sweep registers its best point only, when it ends
+            register.run(cfg, out, record["run_id"], record["model_uri"])
     except tracking.expected_errors() as exc:
         print(f"train: error: {tracking.explain(exc)}", file=sys.stderr)
         if sweeping:  # this point's run is FAILED; the other points of the sweep still run
             return None
         sys.exit(1)
     print(format_run_summary(out))
-    return results["test"][cfg.mlflow.promotion.metric.removeprefix("test_")]
+    return results["val"][_split_key(cfg.mlflow.promotion)]
+
+
+def _split_key(rule: config.PromotionConfig) -> str:
+    """The promotion metric's name inside one split of metrics/evaluate.json."""
+    return rule.metric.removeprefix("test_")
+
+
+def best_point(points: list[Outputs], rule: config.PromotionConfig) -> Outputs | None:
+    """The point with the best promotion metric measured on validation (None: none finished)."""
+    scored = []
+    for point in points:
+        try:
+            value = json.loads(point.evaluate_metrics.read_text())["val"][_split_key(rule)]
+        except (OSError, ValueError, KeyError):  # a point that failed before evaluating
+            continue
+        scored.append((value if rule.greater_is_better else -value, str(point.root), point))
+    return max(scored, key=lambda item: item[:2])[2] if scored else None
+
+
+class RegisterBestPoint(Callback):
+    """At the end of a sweep: register the point that is best on validation, and only that one."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from pipeline.support.config import validate
+        from pipeline.support.registration import describe, registration_from_record
+
+        cfg = validate({key: OmegaConf.to_container(config[key], resolve=True)
+                               for key in config if key != "hydra"})
+        sweep = Path(config.hydra.sweep.dir)
+        # Only this sweep's points: a reused sweep folder may hold older ones.
+        points = [Outputs(run.parents[1]) for run in sorted(sweep.glob("*/models/run.json"))
+                  if run.stat().st_mtime >= getattr(self, "started", 0)]
+        best = best_point(points, cfg.mlflow.promotion)
+        if best is None:
+            print(f"train: error: every point of the sweep in {sweep} failed; nothing was "
+                  "registered", file=sys.stderr)
+            sys.exit(1)
+        try:
+            store.connect(cfg.mlflow)
+            run_file = tracking.read_run_file(best.run)
+            record = register.run(cfg, best, run_file["run_id"], run_file["model_uri"])
+        except tracking.expected_errors() as exc:
+            print(f"train: error: registering the sweep's best point {best.root}: "
+                  f"{tracking.explain(exc)}", file=sys.stderr)
+            sys.exit(1)
+        print(f"train: best point by validation {_split_key(cfg.mlflow.promotion)}: {best.root}; "
+              f"{describe(registration_from_record(record), changed=True)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pipeline.core.preprocessing import PixelFeatures
 
 def make_logistic_regression(
     *, C: float, max_iter: int, tol: float, pixel_transform: str | None, power: float,
-    scaling: str,
+    hinges: int, scaling: str,
 ) -> Pipeline:
     """PixelFeatures then LogisticRegression; keyword names are those of the two steps.
 
@@ -18,6 +18,6 @@ def make_logistic_regression(
     """
     return Pipeline([
         ("features", PixelFeatures(pixel_transform=pixel_transform, power=power,
-                                   scaling=scaling)),
+                                   hinges=hinges, scaling=scaling)),
         ("logreg", LogisticRegression(C=C, max_iter=max_iter, tol=tol)),
     ])

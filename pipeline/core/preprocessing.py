@@ -1,4 +1,10 @@
-"""The fixed pixel transform and the standardisation that SoftmaxRegression builds in.
+"""The fixed per-pixel feature maps and the standardisation that SoftmaxRegression builds in.
+
+Each pixel x (x/255 in [0, 1]) becomes 1 + `hinges` features computed from that pixel alone: its
+transformed value (x**power, sqrt(x) or x) and the hinge functions max(x - k, 0) at `hinges`
+evenly spaced knots k = 1/(hinges+1), 2/(hinges+1), ... A linear layer on these features is still
+an additive model, one piecewise function of each pixel's intensity summed over pixels; no
+feature mixes pixels. The features of pixel p sit next to each other (columns p*(1+hinges) ...).
 
 Plain functions (used by the estimator) plus `PixelFeatures`, the same steps as a scikit-learn
 transformer, so a baseline such as LogisticRegression can be fed exactly the features our model
@@ -31,6 +37,7 @@ PIXEL_PARAMETER_CONSTRAINTS: dict = {
     "pixel_transform": [StrOptions({"power", "sqrt"}), None],
     "power": [Interval(numbers.Real, 0, math.inf, closed="neither")],
     "scaling": [StrOptions(set(SCALINGS))],
+    "hinges": [Interval(numbers.Integral, 0, None, closed="left")],
 }
 
 
@@ -39,44 +46,84 @@ def row_chunks(n_rows: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int,
         yield start, min(start + chunk_rows, n_rows)
 
 
-def _transform_inplace(values: np.ndarray, transform: str | None, power: float) -> np.ndarray:
-    """x/255, then a signed power: negative inputs (not pixels, but legal) stay finite."""
-    values *= np.float32(1.0 / PIXEL_MAX)
+def hinge_knots(hinges: int) -> np.ndarray:
+    """The knots of the hinge features, evenly spaced inside (0, 1) in units of x/255."""
+    return (np.arange(1, hinges + 1, dtype=np.float32) / np.float32(hinges + 1))
+
+
+def _transform_inplace(values: np.ndarray, transform: str | None, power: float,
+                       hinges: int) -> None:
+    """values[..., 0] holds x; fill values[..., j] with the j-th feature of x/255.
+
+    Feature 0 is the signed power (negative inputs, not pixels but legal, stay finite);
+    feature j >= 1 is max(x/255 - k_j, 0).
+    """
+    scaled = values[..., 0]
+    scaled *= np.float32(1.0 / PIXEL_MAX)
+    for knot, column in zip(hinge_knots(hinges), range(1, hinges + 1), strict=True):
+        np.subtract(scaled, knot, out=values[..., column])
+        np.maximum(values[..., column], np.float32(0.0), out=values[..., column])
     if transform is None:
-        return values
-    negative = np.signbit(values)
-    np.abs(values, out=values)
+        return
+    negative = np.signbit(scaled)
+    np.abs(scaled, out=scaled)
     if transform == "sqrt":
-        np.sqrt(values, out=values)
+        np.sqrt(scaled, out=scaled)
     else:
-        np.power(values, np.float32(power), out=values)
-    np.negative(values, out=values, where=negative)
-    return values
+        np.power(scaled, np.float32(power), out=scaled)
+    np.negative(scaled, out=scaled, where=negative)
 
 
-def _transform_chunk(X: np.ndarray, out: np.ndarray, transform: str | None, power: float) -> None:
+def n_output_features(n_pixels: int, hinges: int) -> int:
+    return n_pixels * (1 + hinges)
+
+
+def _value_table(transform: str | None, power: float, hinges: int) -> np.ndarray:
+    """(256, 1 + hinges) float32: the features of each uint8 value."""
+    table = np.zeros((256, 1 + hinges), dtype=np.float32)
+    table[:, 0] = np.arange(256, dtype=np.float32)
+    _transform_inplace(table, transform, power, hinges)
+    return table
+
+
+def _gather(table: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
+    """out[i, p, :] = table[indices[i, p], :], each entry's floats moved as one opaque item
+    (a 1-D gather, about twice as fast as numpy's gather of rows along axis 0)."""
+    item = np.dtype((np.void, table.itemsize * table.shape[-1]))
+    np.take(table.view(item).ravel(), indices, mode="clip",
+            out=out.reshape(*indices.shape, table.shape[-1]).view(item).reshape(indices.shape))
+
+
+def _transform_chunk(X: np.ndarray, out: np.ndarray, transform: str | None, power: float,
+                     hinges: int) -> None:
+    """Write the features of the rows X into `out`, (rows, n_pixels * (1 + hinges))."""
     if X.dtype == np.uint8:
-        # A 256-entry lookup table: one gather instead of a division and a power per pixel, and
+        # A 256-entry lookup table per feature: one gather instead of arithmetic per pixel, and
         # bit-identical to transforming the same values given as floats.
-        table = _transform_inplace(np.arange(256, dtype=np.float32), transform, power)
-        np.take(table, X.astype(np.intp), out=out, mode="clip")
+        _gather(_value_table(transform, power, hinges), X.astype(np.intp), out)
     else:
-        out[...] = X
-        _transform_inplace(out, transform, power)
+        per_pixel = out.reshape(X.shape[0], X.shape[1], 1 + hinges)
+        per_pixel[..., 0] = X
+        _transform_inplace(per_pixel, transform, power, hinges)
 
 
-def transform_pixels(X: np.ndarray, transform: str | None, power: float = 0.5) -> np.ndarray:
-    """The fixed elementwise transform of x/255 (none, sqrt or |.|**power) as new float32 array."""
+def _check_transform(transform: str | None) -> None:
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-    transformed = np.empty(X.shape, dtype=np.float32)
+
+
+def transform_pixels(X: np.ndarray, transform: str | None, power: float = 0.5,
+                     hinges: int = 0) -> np.ndarray:
+    """The fixed per-pixel features of x/255 (see the module docstring) as a new float32 array."""
+    _check_transform(transform)
+    transformed = np.empty((X.shape[0], n_output_features(X.shape[1], hinges)), dtype=np.float32)
     for start, stop in row_chunks(X.shape[0]):
-        _transform_chunk(X[start:stop], transformed[start:stop], transform, power)
+        _transform_chunk(X[start:stop], transformed[start:stop], transform, power, hinges)
     return transformed
 
 
 def fit_transform_standardised(
-    X: np.ndarray, transform: str | None, power: float = 0.5
+    X: np.ndarray, transform: str | None, power: float = 0.5, hinges: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Transform X, learn per-feature mean and (floored) std, standardise: (features, mean, std).
 
@@ -84,16 +131,16 @@ def fit_transform_standardised(
     shifted by the first row, which keeps E[d^2] - E[d]^2 accurate for features far from zero.
     (Not BLAS products with a ones vector: OpenBLAS threads make those slower here, not faster.)
     """
-    if transform not in TRANSFORMS:
-        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-    n_samples, n_features = X.shape
-    transformed = np.empty(X.shape, dtype=np.float32)
+    _check_transform(transform)
+    n_samples = X.shape[0]
+    n_features = n_output_features(X.shape[1], hinges)
+    transformed = np.empty((n_samples, n_features), dtype=np.float32)
     shift = None
     sums = np.zeros(n_features, dtype=np.float64)
     sums_of_squares = np.zeros(n_features, dtype=np.float64)
     for start, stop in row_chunks(n_samples):
         chunk = transformed[start:stop]
-        _transform_chunk(X[start:stop], chunk, transform, power)
+        _transform_chunk(X[start:stop], chunk, transform, power, hinges)
         if shift is None:
             shift = chunk[0].copy()
         deviations = chunk - shift
@@ -118,21 +165,23 @@ def standardise_inplace(features: np.ndarray, mean: np.ndarray, scale: np.ndarra
 
 
 class PixelFeatures(TransformerMixin, BaseEstimator):
-    """SoftmaxRegression's preprocessing as a transformer: pixel transform, then scaling.
+    """SoftmaxRegression's preprocessing as a transformer: per-pixel features, then scaling.
 
-    Parameters and defaults mirror SoftmaxRegression's `pixel_transform`, `power` and `scaling`.
+    Parameters and defaults mirror SoftmaxRegression's `pixel_transform`, `power`, `hinges` and
+    `scaling`. Output has n_pixels * (1 + hinges) columns.
     Output is float32. Fitted attributes are numpy arrays only, so skops can save it.
     """
 
     _parameter_constraints: dict = PIXEL_PARAMETER_CONSTRAINTS
 
     def __init__(
-        self, *, pixel_transform: str | None = "power", power: float = 0.3,
-        scaling: str = "standard",
+        self, *, pixel_transform: str | None = "power", power: float = 0.25,
+        scaling: str = "standard", hinges: int = 2,
     ):
         self.pixel_transform = pixel_transform
         self.power = power
         self.scaling = scaling
+        self.hinges = hinges
 
     def fit(self, X, y=None):
         self._fit_transform(X)
@@ -146,16 +195,21 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
         X = validate_data(self, X, dtype=ACCEPTED_DTYPES, order="C")
         if self.scaling == "minmax":
             self.mean_ = self.scale_ = None
-            return transform_pixels(X, self.pixel_transform, self.power)
+            return transform_pixels(X, self.pixel_transform, self.power, self.hinges)
         features, self.mean_, self.scale_ = fit_transform_standardised(
-            X, self.pixel_transform, self.power
+            X, self.pixel_transform, self.power, self.hinges
         )
         return features
+
+    def __setstate__(self, state: dict) -> None:
+        """Files written before `hinges` existed had none."""
+        state.setdefault("hinges", 0)
+        super().__setstate__(state)
 
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=ACCEPTED_DTYPES, order="C")
-        features = transform_pixels(X, self.pixel_transform, self.power)
+        features = transform_pixels(X, self.pixel_transform, self.power, self.hinges)
         if self.mean_ is None:
             return features
         return standardise_inplace(features, self.mean_, self.scale_)

@@ -1,0 +1,170 @@
+"""`python -m pipeline.tune` in a copy of the project: real Optuna storage, real MLflow store.
+
+Synthetic data (tests/synthetic.py), a sqlite study store and a sqlite MLflow store inside the
+copy; workers are real processes, one of them killed with SIGKILL in the middle of a trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tests.repo_copy import MODEL_NAME, Repo, make_repo
+
+pytestmark = pytest.mark.slow
+TUNE = (sys.executable, "-m", "pipeline.tune")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    repo = make_repo(tmp_path_factory.mktemp("repo"), tmp_path_factory.mktemp("mirror"))
+    repo.dvc("repro", "split")
+    return repo
+
+
+def study(repo: Repo, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{repo.root / 'optuna.db'}")
+
+
+def runs_of(repo: Repo, name: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the Optuna study `name` in the copy's MLflow store."""
+    client = repo.client()
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    runs = client.search_runs([experiment], f"tags.optuna_study = '{name}'", max_results=500)
+    parents = [r for r in runs if r.data.tags.get("model") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def versions(repo: Repo) -> list:
+    return repo.client().search_model_versions(f"name='{MODEL_NAME}'")
+
+
+def test_two_workers_make_one_parent_run_with_a_child_per_trial(repo: Repo) -> None:
+    before = len(versions(repo))
+    result = repo.run(*TUNE, "--trials", "6", "--workers", "2", "--study", "s1", "--seed", "0",
+                      "model.epochs=3")
+    trials = study(repo, "s1").trials
+    assert len(trials) == 6
+    parents, children = runs_of(repo, "s1")
+    assert len(parents) == 1 and len(children) == 6
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    client = repo.client()
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in trials}
+    for child in children:
+        trial = by_run[child.info.run_id]
+        assert child.data.tags["optuna_state"] == trial.state.name
+        assert float(child.data.params["model.learning_rate"]) == pytest.approx(
+            trial.params["learning_rate"])
+        assert client.get_metric_history(child.info.run_id, "epoch/val_loss")
+        if trial.state.name == "COMPLETE":
+            assert child.data.metrics["val_log_loss"] == pytest.approx(trial.value)
+            confusion = client.download_artifacts(child.info.run_id,
+                                                  "evaluation/confusion_val.csv")
+            assert Path(confusion).read_text().startswith("actual \\ predicted,T-shirt/top")
+        assert not client.list_artifacts(child.info.run_id, "model")  # trials log no model
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/param_importances.png",
+            "optuna/parallel_coordinate.png", "optuna/best_model.yaml"} <= artifacts
+    best_yaml = yaml.safe_load(Path(client.download_artifacts(
+        parent.info.run_id, "optuna/best_model.yaml")).read_text())
+    best = study(repo, "s1").best_trial
+    assert best_yaml["learning_rate"] == pytest.approx(best.params["learning_rate"])
+    assert best_yaml["_target_"] == "pipeline.core.estimator.SoftmaxRegression"
+    # Selected on validation, trained once more, offered to the champion rule once.
+    assert len(versions(repo)) == before + 1
+    retrained = client.get_run(parent.data.tags["best_run_id"])
+    assert retrained.data.tags["optuna_trial"] == str(best.number)
+    assert "test_accuracy" in retrained.data.metrics
+    assert f"best trial {best.number}" in result.stdout
+
+
+def test_a_second_invocation_resumes_the_study(repo: Repo) -> None:
+    before = len(versions(repo))
+    repo.run(*TUNE, "--trials", "3", "--workers", "1", "--study", "s1", "model.epochs=3")
+    assert len(study(repo, "s1").trials) == 9
+    parents, children = runs_of(repo, "s1")
+    assert len(parents) == 2 and len(children) == 9
+    assert len(versions(repo)) <= before + 1
+
+
+def test_pruned_and_diverged_trials_are_recorded_and_the_study_goes_on(repo: Repo) -> None:
+    # A search file of one's own, chosen as a group option: good, hopeless and diverging rates.
+    (repo.root / "conf" / "search" / "rates.yaml").write_text(yaml.safe_dump({
+        "objective": "val_log_loss", "pruner": "median",
+        "space": {"learning_rate": {"type": "categorical",
+                                   "choices": [0.05, 0.04, 0.03, 0.02, 1e-7, 1e30]}}}))
+    repo.run(*TUNE, "--trials", "14", "--workers", "1", "--study", "s2", "--seed", "3",
+             "+search=rates", "model.optimizer=sgd", "model.lr_schedule=constant",
+             "model.epochs=6")
+    trials = study(repo, "s2").trials
+    states = {t.state.name for t in trials}
+    assert {"COMPLETE", "PRUNED", "FAIL"} <= states, " ".join(
+        f"{t.number}:{t.state.name}:{t.params}" for t in trials)
+    assert any(t.state.name == "PRUNED" and t.params["learning_rate"] == 1e-7 for t in trials)
+    client = repo.client()
+    for trial in trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        if trial.state.name == "PRUNED":
+            assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
+            assert "lags the other trials" in run.data.tags["pruned_reason"]
+        if trial.state.name == "FAIL":
+            assert trial.params["learning_rate"] == 1e30
+            assert run.info.status == "FAILED"
+            assert "training diverged" in run.data.tags["failure_reason"]
+            assert "training diverged" in trial.user_attrs["fail_reason"]
+
+
+def test_a_killed_worker_leaves_a_failed_trial_and_the_study_goes_on(repo: Repo) -> None:
+    process = subprocess.Popen([*TUNE, "--trials", "8", "--workers", "2", "--study", "s3",
+                                "model.epochs=300", "search.pruner=none"],
+                               cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 120
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                victim = next((t for t in study(repo, "s3").trials
+                               if t.state.name == "RUNNING" and "worker" in t.user_attrs), None)
+            except KeyError:  # the study is not created yet
+                continue
+        assert victim is not None, "no trial started"
+        host, pid = victim.user_attrs["worker"].rsplit(":", 1)
+        os.kill(int(pid), signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert f"exited with -{signal.SIGKILL}" in stderr
+    trials = study(repo, "s3").trials
+    dead = next(t for t in trials if t.number == victim.number)
+    assert dead.state.name == "FAIL"
+    run = repo.client().get_run(dead.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "heartbeat" in run.data.tags["failure_reason"]
+    assert sum(t.state.name == "COMPLETE" for t in trials) >= 4
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+
+
+def test_a_bad_search_space_is_refused_before_anything_runs(repo: Repo) -> None:
+    before = len(versions(repo))
+    result = repo.run(*TUNE, "--study", "bad", "search.space.learning_rate.low=-1",
+                      check=False)
+    assert result.returncode == 1
+    assert "tune: error: search.space.learning_rate.low=-1 is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert runs_of(repo, "bad") == ([], [])
+    assert len(versions(repo)) == before
