@@ -154,13 +154,14 @@ class _Trainer:
         spec = models.check_params(model)  # the typed check, before anything trains
         run = mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=plan.parent_run_id,
                                tags={"optuna_study": plan.study, "optuna_trial": str(trial.number),
-                                     "model": spec.kind, "source": "tune"})
+                                     "model": spec.kind, "source": "tune",
+                                     **tracking.process_tags()})
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         trial.set_user_attr("parent_run_id", plan.parent_run_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         status = "FAILED"
         try:
-            mlflow.log_params(tracking.flatten({"model": spec.all_params}))
+            mlflow.log_params(tracking.run_params(plan.cfg, spec.all_params, spec.target))
 
             def on_epoch(record: dict[str, Any]) -> None:
                 epoch = record["epoch"]
@@ -341,6 +342,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     study = create_study(study_name, url, space)
     before = len(study.trials)
     store.connect(cfg.mlflow)
+    tracking.fail_killed_runs(cfg.mlflow.experiment)
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     commit, dirty = tracking.git_commit()
