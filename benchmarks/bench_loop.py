@@ -120,9 +120,8 @@ def main() -> int:
         copy_checkout(args.checkout.resolve(), copy.root)
         record("make train, fresh clone", copy.make_train())
         write_png(copy.root / "one.png", mirror)
-        (copy.root / "bad.yaml").write_text(
-            (copy.root / "params.yaml").read_text().replace("learning_rate: 0.01",
-                                                            "learning_rate: -1"))
+        (copy.root / "bad.yaml").write_text(re.sub(
+            r"(?m)^(  learning_rate:) .*$", r"\1 -1", (copy.root / "params.yaml").read_text()))
         for repeat in range(args.repeats):
             # A value not run before: DVC's run cache cannot stand in for the work.
             copy.set_learning_rate(round(0.02 + 0.005 * repeat, 3))
