@@ -36,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     model = args.model or store.model_uri(cfg.mlflow)
     uri = store.tracking_uri(cfg.mlflow)
+    try:
+        store.check_server(uri)
+    except store.StoreUnavailable as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
     print(f"serve: {model} from {uri} on http://{args.host}:{args.port} (/ping, /invocations)",
           flush=True)
     env = {**child_env(), store.TRACKING_URI_ENV: uri,
