@@ -20,7 +20,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train test test-fast lint bench ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean
+	schedule unschedule schedule-systemd add-data clean push pull team-up team-down team-status \
+	team-user
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +42,7 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 	dvc repro split
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
+	@$(PYTHON) -m pipeline.commands.team check >/dev/null
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
 
@@ -81,6 +83,25 @@ lint: setup ## Check style with ruff
 
 bench: setup ## Benchmark SoftmaxRegression against scikit-learn on the real data
 	$(PYTHON) benchmarks/bench_softmax.py
+
+push: setup ## dvc push to the remote of DVC_REMOTE_URL (team mode: `. ./team.env` first)
+	$(PYTHON) -m pipeline.commands.remote push
+
+pull: setup ## dvc pull from the remote of DVC_REMOTE_URL (team mode: `. ./team.env` first)
+	$(PYTHON) -m pipeline.commands.remote pull
+
+team-up: setup ## Start the team stack (PostgreSQL, S3, MLflow server) and write team.env
+	$(PYTHON) -m pipeline.commands.team up $(TEAM_ARGS)
+
+team-down: setup ## Stop the team stack (its data stays in .team/)
+	$(PYTHON) -m pipeline.commands.team down
+
+team-status: setup ## Say what of the team stack runs where
+	$(PYTHON) -m pipeline.commands.team status
+
+team-user: setup ## Add a team member: make team-user NAME=alice PERMISSION=READ|EDIT|MANAGE
+	@test -n "$(NAME)" || { echo "usage: make team-user NAME=alice PERMISSION=READ" >&2; exit 2; }
+	$(PYTHON) -m pipeline.commands.team user "$(NAME)" --permission "$(or $(PERMISSION),READ)"
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

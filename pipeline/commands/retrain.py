@@ -16,7 +16,9 @@ Steps, each a subprocess in the repository root (the directory holding dvc.yaml,
 1. `python -m pipeline.commands.params`: compose conf/ into params.yaml (rewritten only if it
    differs), under the lock so that two cycles never write it at once. Skipped, with a log
    line, in a repository without conf/, whose params.yaml is then used as it is;
-2. `dvc pull data.dvc`, only when a DVC remote is configured: labelled images pushed by others.
+2. `dvc pull data.dvc`, only when a DVC remote is configured ($DVC_REMOTE_URL, see
+   `pipeline.support.workspace.configure_env_remote`, or the repository's): labelled images
+   pushed by others.
    Images put in data/extra by hand and never committed make it fail rather than be deleted;
    `python -m pipeline.add_data` commits them;
 3. `python -m pipeline.stages.download`: re-verify the raw archives, refetch missing or corrupt
@@ -59,6 +61,7 @@ from pipeline.support.workspace import (
     RETRAIN_LOG,
     CommandError,
     child_env,
+    configure_env_remote,
     dvc_remotes,
     find_repo_root,
     venv_tool,
@@ -157,6 +160,7 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     compose = (root / CONFIG_DIR).is_dir()
     if not compose:
         log.info(f"no {CONFIG_DIR}/ in {root}: using {params.name} as it is")
+    configure_env_remote(root, env)  # $DVC_REMOTE_URL, as `make pull` and `make push` do
     remotes = dvc_remotes(root, env)
     log.info(f"DVC remotes: {', '.join(remotes)}" if remotes
              else "no DVC remote configured: using data/extra as it is")
