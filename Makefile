@@ -12,6 +12,7 @@ PORT ?= 5001
 UI_PORT ?= 5000
 EVERY ?= weekly
 RETRAIN_ARGS ?=
+TEAM_ARGS ?=  # e.g. --state DIR --base-port N --host 0.0.0.0 (fixed by the first team-up)
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
 export PATH := $(BIN):$(PATH)
@@ -94,14 +95,14 @@ team-up: setup ## Start the team stack (PostgreSQL, S3, MLflow server) and write
 	$(PYTHON) -m pipeline.commands.team up $(TEAM_ARGS)
 
 team-down: setup ## Stop the team stack (its data stays in .team/)
-	$(PYTHON) -m pipeline.commands.team down
+	$(PYTHON) -m pipeline.commands.team down $(TEAM_ARGS)
 
 team-status: setup ## Say what of the team stack runs where
-	$(PYTHON) -m pipeline.commands.team status
+	$(PYTHON) -m pipeline.commands.team status $(TEAM_ARGS)
 
 team-user: setup ## Add a team member: make team-user NAME=alice PERMISSION=READ|EDIT|MANAGE
 	@test -n "$(NAME)" || { echo "usage: make team-user NAME=alice PERMISSION=READ" >&2; exit 2; }
-	$(PYTHON) -m pipeline.commands.team user "$(NAME)" --permission "$(or $(PERMISSION),READ)"
+	$(PYTHON) -m pipeline.commands.team user "$(NAME)" --permission "$(or $(PERMISSION),READ)" $(TEAM_ARGS)
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.support import config
+from pipeline.support import config, store
 from pipeline.support.locks import LockBusy, exclusive_lock, timestamp
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration import Outcome, describe, parse_registration
@@ -150,6 +150,14 @@ def _read_parameters(params: Path) -> config.DataConfig:
         raise CommandError("read parameters", str(exc)) from None
 
 
+def _check_tracking_server(params: Path) -> None:
+    """A tracking server that is down fails the cycle in seconds, before any step works."""
+    try:
+        store.check_server(store.tracking_uri(config.load(params).mlflow))
+    except store.StoreUnavailable as exc:
+        raise CommandError("check tracking server", str(exc)) from None
+
+
 def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
     """One cycle under the caller's lock: the steps of `plan`, then the outcome.
 
@@ -169,6 +177,7 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     for step in plan(params, pull_extra=bool(remotes), compose=compose):
         if data is None and step.name != "params":  # once composed, before anything reads them
             data = _read_parameters(params)
+            _check_tracking_server(params)
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
             (root / data.extra_dir).mkdir(parents=True, exist_ok=True)

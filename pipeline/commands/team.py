@@ -523,15 +523,17 @@ def add_user(stack: Stack, name: str, permission: str, mlflow_cfg: config.Mlflow
         if "RESOURCE_ALREADY_EXISTS" not in exc.message:
             raise
     experiment_id = _experiment_id(stack, mlflow_cfg.experiment)
-    for kind, key, value in (("registered-models", "name", model),
-                             ("experiments", "experiment_id", experiment_id)):
-        grant = {key: value, "username": name, "permission": permission}
+    for kind, resource in (("registered_model", model), ("experiment", experiment_id)):
+        grant = {"username": name, "resource_type": kind, "resource_id": resource}
         try:
-            _api(stack, f"/api/2.0/mlflow/{kind}/permissions/create", grant)
+            _api(stack, "/api/3.0/mlflow/users/permissions/grant",
+                 {**grant, "permission": permission})
         except CommandError as exc:
             if "RESOURCE_ALREADY_EXISTS" not in exc.message:
                 raise
-            _api(stack, f"/api/2.0/mlflow/{kind}/permissions/update", grant, method="PATCH")
+            _api(stack, "/api/3.0/mlflow/users/permissions/revoke", grant)
+            _api(stack, "/api/3.0/mlflow/users/permissions/grant",
+                 {**grant, "permission": permission})
     path = stack.path("users", f"{name}.env")
     write_private(path, env_file_text({**stack.client_env(), "MLFLOW_TRACKING_USERNAME": name,
                                        "MLFLOW_TRACKING_PASSWORD": password}))

@@ -147,7 +147,12 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                     **{key: repr(value) for key, value in run_data.metrics.items()
                        if key.startswith(("test_", "val_"))},
                 }
-                version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+                # A tracking server accepts a logged model (`models:/m-...`) as the source only
+                # with its id; the embedded store does not mind either way.
+                model_id = (model_uri.removeprefix("models:/")
+                            if model_uri.startswith("models:/m-") else None)
+                version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                                      model_id=model_id)
             champion, champion_value = current_champion(client, name, rule.metric)
             champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:
