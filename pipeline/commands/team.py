@@ -389,6 +389,9 @@ def _start_mlflow(stack: Stack) -> None:
         f"admin_username = {ADMIN}",
         f"admin_password = {stack.secrets['admin_password']}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # Checking a password (PBKDF2) costs more CPU than most requests: remember a good one
+        # for a minute. A changed password or permission takes effect at once on this worker.
+        "auth_cache_ttl_seconds = 60",
     ]) + "\n")
     env = {
         **{k: v for k, v in child_env().items() if not k.startswith("MLFLOW_TRACKING_")},
