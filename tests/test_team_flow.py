@@ -1,9 +1,9 @@
 """Two clones sharing one team stack, and the pipeline when parts of the stack go away.
 
 Clone A trains and pushes, then takes the path of `.github/workflows/retrain.yml` (make pull,
-make retrain, make push, commit); clone B, a fresh clone of A, sources the same team.env, pulls, and must find nothing to
-redo. Then the stack is stopped and restarted between two stages, and the object store goes
-away during a push. Real PostgreSQL, SeaweedFS, mlflow server and DVC throughout.
+make retrain, make push, commit); clone B, a fresh clone of A, sources the same team.env, pulls,
+and must find nothing to redo. Then the stack is stopped and restarted between two stages, and
+the object store goes away during a push. Real PostgreSQL, SeaweedFS, mlflow server and DVC.
 """
 
 from __future__ import annotations
