@@ -145,9 +145,11 @@ def test_postgres_restarted_between_stages_costs_nothing(
     params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.5
     a.write_params(params)
     a.dvc("repro", "train")
-    data, _ = _postgres_dirs(team.stack)
+    data, log = _postgres_dirs(team.stack)
+    # -l: the restarted server must not inherit (and hold open) this test's pipes.
     subprocess.run(_as_postgres([str(postgres_bin() / "pg_ctl"), "restart", "-D", str(data),
-                                 "-m", "fast", "-w"]), check=True, capture_output=True)
+                                 "-l", str(log), "-m", "fast", "-w"]),
+                   check=True, capture_output=True, timeout=120)
     result = a.dvc("repro", check=False)
     if result.returncode != 0:  # a clear failure, and the rerun finishes the job
         assert "Traceback" not in result.stderr, result.stderr
