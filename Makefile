@@ -17,6 +17,7 @@ EVERY ?= weekly
 TRIALS ?= 12
 WORKERS ?= 2
 RETRAIN_ARGS ?=
+TEAM_ARGS ?=  # e.g. --state DIR --base-port N --host 0.0.0.0 (fixed by the first team-up)
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
 export PATH := $(BIN):$(PATH)
@@ -27,7 +28,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train test test-fast lint bench bench-loop ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean tune bench-tune
+	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
+	team-status team-user
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +52,7 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 	dvc repro split
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
+	@$(PYTHON) -m pipeline.commands.team check >/dev/null
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
 
@@ -102,6 +105,25 @@ bench-loop: setup ## Time the loop from a parameter change to a registered model
 
 bench-tune: data ## Benchmark make tune: trials per minute with 1 and 2 workers, on the real data
 	$(PYTHON) benchmarks/bench_tune.py
+
+push: setup ## dvc push to the remote of DVC_REMOTE_URL (team mode: `. ./team.env` first)
+	$(PYTHON) -m pipeline.commands.remote push
+
+pull: setup ## dvc pull from the remote of DVC_REMOTE_URL (team mode: `. ./team.env` first)
+	$(PYTHON) -m pipeline.commands.remote pull
+
+team-up: setup ## Start the team stack (PostgreSQL, S3, MLflow server) and write team.env
+	$(PYTHON) -m pipeline.commands.team up $(TEAM_ARGS)
+
+team-down: setup ## Stop the team stack (its data stays in .team/)
+	$(PYTHON) -m pipeline.commands.team down $(TEAM_ARGS)
+
+team-status: setup ## Say what of the team stack runs where
+	$(PYTHON) -m pipeline.commands.team status $(TEAM_ARGS)
+
+team-user: setup ## Add a team member: make team-user NAME=alice PERMISSION=READ|EDIT|MANAGE
+	@test -n "$(NAME)" || { echo "usage: make team-user NAME=alice PERMISSION=READ" >&2; exit 2; }
+	$(PYTHON) -m pipeline.commands.team user "$(NAME)" --permission "$(or $(PERMISSION),READ)" $(TEAM_ARGS)
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

@@ -18,6 +18,7 @@ from pipeline.support.config import FileSpec
 from tests.synthetic import data_params, write_archives, write_params
 
 MIRROR_ENV = "FMNIST_MIRROR"
+pytest_plugins = ["tests.team_stack"]  # the `team` fixture: a real team stack, started once
 
 
 @pytest.fixture(autouse=True)

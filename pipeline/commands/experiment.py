@@ -60,7 +60,9 @@ def main(raw: DictConfig) -> float | None:
             register.run(cfg, out, record["run_id"], record["model_uri"])
     except tracking.expected_errors() as exc:
         print(f"train: error: {tracking.explain(exc)}", file=sys.stderr)
-        if sweeping:  # this point's run is FAILED; the other points of the sweep still run
+        # This point's run is FAILED; the other points of the sweep still run, unless the
+        # tracking server is out of reach, which no point can get past.
+        if sweeping and not isinstance(exc, store.StoreUnavailable):
             return None
         sys.exit(1)
     print(format_run_summary(out))

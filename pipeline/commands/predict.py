@@ -161,10 +161,17 @@ def read_inputs(sources: Sequence[str]) -> list[Batch]:
 
 
 def check_store(uri: str) -> None:
-    """A local store must exist: MLflow would create an empty one and report a missing model."""
+    """A local store must exist: MLflow would create an empty one and report a missing model.
+
+    A tracking server must answer, and accept the credentials, within seconds.
+    """
     path = store.local_store_path(uri)
     if not store.is_local(uri):
-        return  # a tracking server: MLflow itself reports a connection failure
+        try:
+            store.check_server(uri)
+        except store.StoreUnavailable as exc:
+            raise ModelError(str(exc)) from None
+        return
     if path is None or not path.exists():
         where = path.absolute() if path is not None else "memory"
         raise ModelError(f"no MLflow store at {where} (tracking URI {uri}): train a model first "

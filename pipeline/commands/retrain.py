@@ -16,7 +16,9 @@ Steps, each a subprocess in the repository root (the directory holding dvc.yaml,
 1. `python -m pipeline.commands.params`: compose conf/ into params.yaml (rewritten only if it
    differs), under the lock so that two cycles never write it at once. Skipped, with a log
    line, in a repository without conf/, whose params.yaml is then used as it is;
-2. `dvc pull data.dvc`, only when a DVC remote is configured: labelled images pushed by others.
+2. `dvc pull data.dvc`, only when a DVC remote is configured ($DVC_REMOTE_URL, see
+   `pipeline.support.workspace.configure_env_remote`, or the repository's): labelled images
+   pushed by others.
    Images put in data/extra by hand and never committed make it fail rather than be deleted;
    `python -m pipeline.add_data` commits them;
 3. `python -m pipeline.stages.download`: re-verify the raw archives, refetch missing or corrupt
@@ -49,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.support import config
+from pipeline.support import config, store
 from pipeline.support.locks import LockBusy, exclusive_lock, timestamp
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration import Outcome, describe, parse_registration
@@ -59,6 +61,7 @@ from pipeline.support.workspace import (
     RETRAIN_LOG,
     CommandError,
     child_env,
+    configure_env_remote,
     dvc_remotes,
     find_repo_root,
     venv_tool,
@@ -147,6 +150,14 @@ def _read_parameters(params: Path) -> config.DataConfig:
         raise CommandError("read parameters", str(exc)) from None
 
 
+def _check_tracking_server(params: Path) -> None:
+    """A tracking server that is down fails the cycle in seconds, before any step works."""
+    try:
+        store.check_server(store.tracking_uri(config.load(params).mlflow))
+    except store.StoreUnavailable as exc:
+        raise CommandError("check tracking server", str(exc)) from None
+
+
 def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
     """One cycle under the caller's lock: the steps of `plan`, then the outcome.
 
@@ -157,6 +168,7 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     compose = (root / CONFIG_DIR).is_dir()
     if not compose:
         log.info(f"no {CONFIG_DIR}/ in {root}: using {params.name} as it is")
+    configure_env_remote(root, env)  # $DVC_REMOTE_URL, as `make pull` and `make push` do
     remotes = dvc_remotes(root, env)
     log.info(f"DVC remotes: {', '.join(remotes)}" if remotes
              else "no DVC remote configured: using data/extra as it is")
@@ -165,6 +177,7 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     for step in plan(params, pull_extra=bool(remotes), compose=compose):
         if data is None and step.name != "params":  # once composed, before anything reads them
             data = _read_parameters(params)
+            _check_tracking_server(params)
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
             (root / data.extra_dir).mkdir(parents=True, exist_ok=True)

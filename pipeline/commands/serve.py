@@ -213,7 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     requested = args.model or store.model_uri(cfg.mlflow)
     store.quiet_mlflow()
-    uri = store.connect(cfg.mlflow, experiment=False)
+    try:
+        uri = store.connect(cfg.mlflow, experiment=False)  # checks a server first
+    except store.StoreUnavailable as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return 1
     try:
         resolved = predict.resolve_model(requested, cfg.mlflow)  # an alias pinned to its version
         model = load_served_model(resolved.uri, resolved.tracking_uri)

@@ -7,17 +7,29 @@ commit, data version and run id. The version gets the alias `champion` if and on
 current champion on the promotion metric (test set, fixed across runs) by more than
 `mlflow.promotion.min_improvement`; otherwise it gets `challenger` and the reason as a tag.
 
-The compare-and-set of the alias happens under a file lock, so two pipelines finishing at once on
-one machine leave exactly one champion, the better one. A registration that finds the lock busy
-says so on stderr (`register: waiting for the registry lock held by pid N since ...`) and waits.
-(Against a remote tracking server shared by several machines the lock is per machine; the
-re-check after taking the lock keeps the window small but not closed.)
+Promotion is a compare-and-set: read the champion, decide, move the alias. MLflow has no atomic
+"move the alias only if it still points at version N", so two registrations that interleave
+(both read champion v1, the worse one writes last) could leave a worse champion. Hence the whole
+read-decide-move runs under one lock that every registering process shares:
+- with $FMNIST_REGISTRY_LOCK_URL set (team mode: `team.env` sets it), a PostgreSQL session-level
+  advisory lock (`pg_advisory_lock`) on a database that exists for that purpose, reached by a
+  role that can do nothing else. It is shared by every machine that talks to the team's server,
+  and the database server releases it when the holder's connection ends, so a registration that
+  crashes or loses its network never blocks the others;
+- otherwise (the embedded sqlite store, one machine) an flock next to the store.
+Inside the lock the champion is re-read, so each registration compares itself with the champion
+left by the previous one; the alias only ever moves to a better version, and `predict`, reading
+the alias at any moment, never sees a worse champion than one it saw before. (Two machines
+registering against one server with no lock URL would share no lock: team.env always sets one.)
+A registration that finds the lock busy says so on stderr (`register: waiting for the registry
+lock held by ...`) and waits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,11 +40,13 @@ from typing import Any
 from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
 from pipeline.support import config, store, tracking
-from pipeline.support.locks import exclusive_lock
+from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration import describe, registration_from_record
 from pipeline.support.stage import stage_main
 from pipeline.support.store import CHALLENGER, CHAMPION
+
+REGISTRY_LOCK_URL_ENV = "FMNIST_REGISTRY_LOCK_URL"
 
 
 class RegistrationError(ValueError):
@@ -51,7 +65,11 @@ def _lock_path(tracking_uri: str) -> Path:
 def registry_lock(
     tracking_uri: str, on_wait: Callable[[str], None] | None = None
 ) -> AbstractContextManager[None]:
-    """The registry's lock for this store (see `pipeline.support.locks.exclusive_lock`)."""
+    """The registry's lock: PostgreSQL's advisory lock at $FMNIST_REGISTRY_LOCK_URL when set,
+    else a file lock for this store (see `pipeline.support.locks`)."""
+    shared = os.environ.get(REGISTRY_LOCK_URL_ENV)
+    if shared:
+        return advisory_lock(shared, f"register {tracking_uri}", on_wait=on_wait)
     return exclusive_lock(_lock_path(tracking_uri), on_wait=on_wait)
 
 
@@ -129,7 +147,12 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                     **{key: repr(value) for key, value in run_data.metrics.items()
                        if key.startswith(("test_", "val_"))},
                 }
-                version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+                # A tracking server accepts a logged model (`models:/m-...`) as the source only
+                # with its id; the embedded store does not mind either way.
+                model_id = (model_uri.removeprefix("models:/")
+                            if model_uri.startswith("models:/m-") else None)
+                version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                                      model_id=model_id)
             champion, champion_value = current_champion(client, name, rule.metric)
             champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:

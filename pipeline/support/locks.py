@@ -3,12 +3,15 @@
 The kernel drops an flock when its process dies, so a crash never leaves a stale lock. The file is
 never deleted: removing a lock file while others wait on it would let two processes each hold
 "the" lock. Used by the retraining cycle and, for a local store, by the register stage.
+Across machines (team mode) a file lock cannot help: `advisory_lock` holds a PostgreSQL advisory
+lock instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -50,3 +53,56 @@ def exclusive_lock(
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+class LockUnavailable(ConnectionError):
+    """The database that holds a shared lock cannot be reached; nothing was changed."""
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+@contextlib.contextmanager
+def advisory_lock(
+    url: str, name: str, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold PostgreSQL's session-level advisory lock `name` (hashed to a key) for the block.
+
+    Shared by every machine that reaches the database at `url`. The lock belongs to the
+    connection: if the process dies or its connection breaks, the server releases it, so a crash
+    never leaves a stale lock. Busy: call `on_wait(holder)` once, then wait.
+    """
+    import psycopg
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big",
+                         signed=True)
+    me = f"fashion-mnist {name} pid {os.getpid()} on {os.uname().nodename} since {timestamp()}"
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10,
+                               application_name=me[:63], keepalives=1, keepalives_idle=10,
+                               keepalives_interval=5, keepalives_count=3)
+    except psycopg.Error as exc:
+        raise LockUnavailable(f"cannot reach the lock database {_redacted(url)}: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+    with conn:
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            if on_wait is not None:
+                holder = conn.execute(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                    "USING (pid) WHERE l.locktype = 'advisory' AND l.granted AND "
+                    "((l.classid::bigint << 32) | l.objid::bigint) = %s",
+                    (key,)).fetchone()
+                on_wait(holder[0] if holder and holder[0] else "another session")
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))

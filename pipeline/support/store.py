@@ -14,7 +14,10 @@ import contextlib
 import logging
 import os
 import sqlite3
+import urllib.error
+import urllib.request
 import warnings
+from base64 import b64encode
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +25,10 @@ from pipeline.support.config import MlflowConfig
 from pipeline.support.workspace import project_root
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+PREFLIGHT_TIMEOUT = 5.0  # seconds; with the answer's parsing, well under the promised 10 s
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -107,12 +114,61 @@ def quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
 
 
+class StoreUnavailable(ConnectionError):
+    """The tracking server cannot be reached or refuses us; the message says what to do."""
+
+
+def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
+    """Before any work: a tracking server must answer, and accept our credentials, in seconds.
+
+    MLflow's own client would retry with back-off (minutes) and then print a traceback; one
+    bounded request gives a one-line answer instead. A local store needs no check.
+    """
+    if is_local(uri):
+        return
+    request = urllib.request.Request(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        token = b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get(TOKEN_ENV):
+        request.add_header("Authorization", f"Bearer {os.environ[TOKEN_ENV]}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            who = f"the password of user {user!r} was refused" if user and password else (
+                f"{USERNAME_ENV} and {PASSWORD_ENV} are not both set")
+            raise StoreUnavailable(
+                f"the MLflow tracking server {uri} wants credentials: {who}; set "
+                f"{USERNAME_ENV} and {PASSWORD_ENV} (team mode: `. ./team.env`)") from None
+        if exc.code == 403:
+            raise StoreUnavailable(
+                f"the MLflow tracking server {uri} refuses user {user!r} ({USERNAME_ENV}): ask "
+                "its admin for permission (`make team-user`)") from None
+        raise StoreUnavailable(f"the MLflow tracking server {uri} answered HTTP {exc.code} "
+                               f"{exc.reason}: is {TRACKING_URI_ENV} an MLflow server?") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StoreUnavailable(
+            f"cannot reach the MLflow tracking server {uri} ({reason}): start it (team mode: "
+            f"`make team-up`) or set {TRACKING_URI_ENV} to a running server") from None
+
+
 def connect(cfg: MlflowConfig, experiment: bool = True) -> str:
-    """Point MLflow at the project's store (and experiment), once it passes `check_integrity`."""
+    """Point MLflow at the project's store (and experiment); returns the tracking URI.
+
+    A tracking server is checked first (`check_server`), so a server that is down or refuses
+    the credentials fails in seconds with a line that says what to do; a local sqlite store must
+    pass `check_integrity`.
+    """
     quiet_mlflow()
+    uri = tracking_uri(cfg)
+    check_server(uri)
     import mlflow
 
-    uri = tracking_uri(cfg)
     check_integrity(uri)
     mlflow.set_tracking_uri(uri)
     if experiment:

@@ -116,3 +116,35 @@ def dvc_remotes(root: Path, env: dict[str, str] | None = None) -> list[str]:
         detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
         raise CommandError("dvc remote list", detail)
     return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+
+
+# --- The DVC remote: one convention for make push/pull, retrain and CI ----------------------
+
+DVC_REMOTE_ENV = "DVC_REMOTE_URL"
+DVC_ENDPOINT_ENV = "DVC_REMOTE_ENDPOINT_URL"  # an S3-compatible store that is not AWS
+ENV_REMOTE = "env"  # the remote's name in .dvc/config.local
+
+
+def configure_env_remote(root: Path, env: dict[str, str] | None = None) -> str | None:
+    """Make $DVC_REMOTE_URL (with $DVC_REMOTE_ENDPOINT_URL, if set) the default DVC remote.
+
+    Written to .dvc/config.local, which git ignores: the remote is a setting of the machine
+    (team.env, CI secrets), not of the repository. Credentials stay in the environment (for S3:
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), where DVC's plugins read them. Returns the
+    remote's URL, or None when the variable is unset (the repository's own remotes apply).
+    """
+    env = env or child_env()
+    url = env.get(DVC_REMOTE_ENV)
+    if not url:
+        return None
+    endpoint = env.get(DVC_ENDPOINT_ENV)
+    dvc = venv_tool("dvc")
+    commands = [[dvc, "remote", "add", "--local", "--default", "--force", ENV_REMOTE, url]]
+    if endpoint:
+        commands.append([dvc, "remote", "modify", "--local", ENV_REMOTE, "endpointurl", endpoint])
+    for command in commands:
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+            raise CommandError("dvc remote", f"{DVC_REMOTE_ENV}={url}: {detail}")
+    return url

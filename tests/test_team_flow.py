@@ -1,0 +1,177 @@
+"""Two clones sharing one team stack, and the pipeline when parts of the stack go away.
+
+Clone A trains and pushes, then takes the path of `.github/workflows/retrain.yml` (make pull,
+make retrain, make push, commit); clone B, a fresh clone of A, sources the same team.env, pulls,
+and must find nothing to redo. Then the stack is stopped and restarted between two stages, and
+the object store goes away during a push. Real PostgreSQL, SeaweedFS, mlflow server and DVC.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.commands.team import _stop_group
+from tests.repo_copy import BIN, Repo, make_repo
+from tests.team_stack import Team
+
+pytestmark = pytest.mark.slow
+VENV = BIN.parent
+MODEL = "fashion-mnist-softmax"
+
+
+def make(repo: Repo, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
+    return repo.run("make", "--no-print-directory", f"VENV={VENV}", *targets, check=check)
+
+
+def runs(team: Team) -> list:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("fashion-mnist")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+@pytest.fixture(autouse=True)
+def _team_client(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process talks to the stack as a team member would, after `. team.env`."""
+    for key, value in team.env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def clones(team: Team, tmp_path_factory: pytest.TempPathFactory,
+           ) -> tuple[Repo, Repo]:
+    base = tmp_path_factory.mktemp("clones")
+    a = make_repo(base / "a", base / "mirror")
+    a.env = team.client_environment(a.env)
+    # The first clone of a team: train and push (the README's steps).
+    make(a, "train")
+    make(a, "push")
+    # A scheduled cycle: the workflow's steps, in its order (see tests/test_workflows.py).
+    make(a, "pull")
+    assert "nothing changed (champion version 1" in make(a, "retrain").stdout
+    make(a, "push")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    a.run("git", "add", "-u")
+    a.run(*git, "commit", "-qm", "Retrain")
+    subprocess.run(["git", "clone", "-q", str(a.root), str(base / "b")], check=True)
+    b = Repo(base / "b", base / "mirror")
+    b.env = team.client_environment(b.env)
+    return a, b
+
+
+def test_a_second_clone_pulls_and_has_nothing_to_redo(
+        team: Team, clones: tuple[Repo, Repo]) -> None:
+    a, b = clones
+    before = {run.info.run_id for run in runs(team)}
+    assert len(before) == 1 and all(run.info.status == "FINISHED" for run in runs(team))
+    pulled = make(b, "pull")
+    assert f"DVC_REMOTE_URL={team.env['DVC_REMOTE_URL']}" in pulled.stdout
+    repro = b.dvc("repro")
+    assert "Data and pipelines are up to date" in repro.stdout, repro.stdout
+    assert b.dvc("status").stdout.strip() == "Data and pipelines are up to date."
+    assert {run.info.run_id for run in runs(team)} == before  # no new MLflow run
+    assert (b.root / "models" / "model.skops").read_bytes() == (
+        a.root / "models" / "model.skops").read_bytes()
+
+    from mlflow.tracking import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias(MODEL, "champion")
+    np.save(b.root / "images.npy", np.zeros((2, 28, 28), dtype=np.uint8))
+    predicted = b.run(str(BIN / "python"), "-m", "pipeline.predict", "images.npy")
+    assert f"models:/{MODEL}@champion (version {champion.version}, run {champion.run_id})" \
+        in predicted.stderr, predicted.stderr
+    assert len(predicted.stdout.splitlines()) == 1 + 2  # a header, one line per image
+    assert champion.run_id in before
+
+
+def test_a_stack_restarted_between_stages_resumes_and_keeps_everything(
+        team: Team, clones: tuple[Repo, Repo], tmp_path: Path) -> None:
+    """`make team-down` / `make team-up` in the middle of a pipeline: the next stage fails fast
+    and clearly, the rerun finishes the same run, and the runs, versions, artifacts and DVC
+    objects of before are all still there."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    a, b = clones
+    params = a.params()
+    params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.5
+    a.write_params(params)
+    a.dvc("repro", "train")
+    run_id = a.json("models/run.json")["run_id"]
+    versions_before = {v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'")}
+
+    team.command("down")
+    started = time.monotonic()
+    failed = a.dvc("repro", check=False)
+    assert failed.returncode != 0
+    assert time.monotonic() - started < 10
+    assert f"cannot reach the MLflow tracking server {team.env['MLFLOW_TRACKING_URI']}" in \
+        failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    up = team.command("up")
+    assert "postgres: started" in up.stdout and "mlflow: started" in up.stdout
+    a.dvc("repro")
+    assert a.json("models/run.json")["run_id"] == run_id  # resumed, not retrained
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not [run.info.run_id for run in runs(team) if run.info.status == "RUNNING"]
+    versions = {v.version for v in client.search_model_versions(f"name='{MODEL}'")}
+    assert versions_before < versions
+    # Artifacts written before the restart still load, through the server's proxy.
+    first = min(versions, key=int)
+    model = mlflow.sklearn.load_model(f"models:/{MODEL}/{first}")
+    assert model.predict(np.zeros((1, 784), dtype=np.float32)).shape == (1,)
+    # The DVC objects pushed before the restart (all that clone B's commit names) are still in
+    # the remote.
+    assert b.dvc("status", "--cloud").stdout.strip() == "Cache and remote 'env' are in sync."
+
+
+def test_postgres_restarted_between_stages_costs_nothing(
+        team: Team, clones: tuple[Repo, Repo]) -> None:
+    from pipeline.commands.team import _as_postgres, _postgres_dirs, postgres_bin
+
+    a, _ = clones
+    params = a.params()
+    params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.5
+    a.write_params(params)
+    a.dvc("repro", "train")
+    data, log = _postgres_dirs(team.stack)
+    # -l: the restarted server must not inherit (and hold open) this test's pipes.
+    subprocess.run(_as_postgres([str(postgres_bin() / "pg_ctl"), "restart", "-D", str(data),
+                                 "-l", str(log), "-m", "fast", "-w"]),
+                   check=True, capture_output=True, timeout=120)
+    result = a.dvc("repro", check=False)
+    if result.returncode != 0:  # a clear failure, and the rerun finishes the job
+        assert "Traceback" not in result.stderr, result.stderr
+        a.dvc("repro")
+    assert not [run.info.run_id for run in runs(team) if run.info.status == "RUNNING"]
+
+
+def test_an_object_store_down_during_push_loses_nothing(
+        team: Team, clones: tuple[Repo, Repo]) -> None:
+    a, _ = clones
+    assert a.dvc("status", "--cloud").stdout.strip() != "Cache and remote 'env' are in sync."
+    _stop_group(team.stack, "seaweedfs")
+    try:
+        started = time.monotonic()
+        failed = make(a, "push", check=False)
+        seconds = time.monotonic() - started
+    finally:
+        team.command("up")
+    assert failed.returncode != 0
+    assert "push: error: dvc push exited with code" in failed.stderr, failed.stderr
+    assert "nothing is lost" in failed.stderr and "rerun `make push`" in failed.stderr
+    assert team.env["DVC_REMOTE_URL"] in failed.stderr
+    make(a, "push")
+    assert "in sync" in a.dvc("status", "--cloud").stdout
+    print(f"push with the object store down failed after {seconds:.1f} s")

@@ -1,0 +1,109 @@
+"""Promotion across machines: registrations racing against one real MLflow server.
+
+Each registration is a separate process (as on separate machines: they share no file, only the
+server and the lock database of team.env). A poller reads the champion all along, as `predict`
+would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.synthetic import REPO_ROOT
+from tests.team_stack import Team
+
+pytestmark = pytest.mark.slow
+ACCURACIES = (0.84, 0.88, 0.81, 0.86, 0.83, 0.87)
+
+
+def test_racing_registrations_leave_the_best_champion_and_never_a_worse_one(
+        team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.support.tracking import write_run_file
+    from tests.test_register import evaluated_run
+
+    for key, value in team.env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    name = "race-check"
+    params = tmp_path / "params.yaml"
+    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    tree["mlflow"]["registered_model"] = name
+    rule = tree["mlflow"]["promotion"]
+    assert rule["metric"] == "test_accuracy"  # greater is better
+    params.write_text(yaml.safe_dump(tree))
+    candidates = [evaluated_run(accuracy) for accuracy in ACCURACIES]
+    client = MlflowClient()
+
+    seen: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                version = client.get_model_version_by_alias(name, "champion")
+                seen.append(float(version.tags["test_accuracy"]))
+            except MlflowException:
+                pass  # no registered model or no champion yet
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    workdirs = [tmp_path / f"machine{i}" for i in range(len(candidates))]
+    processes: list[subprocess.Popen] = []
+    try:
+        for workdir, (run_id, uri) in zip(workdirs, candidates, strict=True):
+            write_run_file(workdir / "models" / "run.json", run_id, model_uri=uri)
+            with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.stages.register", "--params", str(params)],
+                    env=env, cwd=workdir, stdout=out, stderr=err, start_new_session=True))
+        codes = [process.wait(timeout=240) for process in processes]
+    finally:
+        stop.set()
+        poller.join(timeout=10)
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert codes == [0] * len(candidates), [(w / "stderr").read_text() for w in workdirs]
+
+    versions = client.search_model_versions(f"name='{name}'")
+    assert len(versions) == len(candidates)
+    champion = client.get_model_version_by_alias(name, "champion")
+    holders = [v.version for v in versions
+               if "champion" in client.get_model_version(name, v.version).aliases]
+    assert holders == [champion.version]
+    assert float(champion.tags["test_accuracy"]) == max(ACCURACIES)
+    # The champion as the poller saw it never got worse.
+    assert seen and seen == sorted(seen), seen
+    assert seen[-1] == max(ACCURACIES)
+    # Each compare-and-set saw the champion the previous one left: the registrations ran one
+    # after the other (version numbers are handed out inside the lock), whatever their order.
+    records = sorted((json.loads((w / "models" / "registration.json").read_text())
+                      for w in workdirs), key=lambda r: int(r["candidate"]["version"]))
+    best: float | None = None
+    for record in records:
+        before = record["champion_before"]
+        assert (before["value"] if before else None) == best, records
+        value = record["candidate"]["value"]
+        assert record["promoted"] == (best is None or value > best + rule["min_improvement"])
+        best = value if record["promoted"] else best
+    waited = [w for w in workdirs if "waiting for the registry lock held by fashion-mnist"
+              in (w / "stderr").read_text()]
+    print(f"race: {len(candidates)} registrations, {len(waited)} waited for the lock; "
+          f"champion seen {len(seen)} times: {sorted(set(seen))}")

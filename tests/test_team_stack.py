@@ -1,0 +1,195 @@
+"""The team stack itself: idempotent start, private settings, loopback only, auth, fail fast."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.repo_copy import BIN, Repo, make_repo
+from tests.synthetic import REPO_ROOT
+from tests.team_stack import Team
+
+pytestmark = pytest.mark.slow
+VENV = BIN.parent
+
+
+def test_up_again_starts_nothing_and_team_env_is_private(team: Team) -> None:
+    result = team.command("up")
+    assert "postgres: already running" in result.stdout
+    assert "seaweedfs: already running" in result.stdout
+    assert "mlflow: already running" in result.stdout
+    assert stat.S_IMODE(team.env_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((team.state / "stack.json").stat().st_mode) == 0o600
+    env = team.env
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_REQUEST_CHECKSUM_CALCULATION",
+                "FMNIST_REGISTRY_LOCK_URL"):
+        assert env[key], key
+    status = team.command("status")
+    assert [line.split(":")[0] for line in status.stdout.splitlines()] == [
+        "postgres", "seaweedfs", "mlflow"]
+    assert all(": running - " in line for line in status.stdout.splitlines())
+
+
+def test_team_env_and_state_are_ignored_by_git(tmp_path: Path) -> None:
+    ignored = subprocess.run(["git", "check-ignore", "team.env", ".team/stack.json"],
+                             cwd=REPO_ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["team.env", ".team/stack.json"]
+
+
+def test_nothing_listens_beyond_loopback(team: Team) -> None:
+    ports = set(team.stack.ports.values())
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True)
+    ours = [line.split()[3] for line in listening.stdout.splitlines()
+            if int(line.split()[3].rsplit(":", 1)[1]) in ports]
+    assert len(ours) >= 3  # postgres, mlflow, S3 at least
+    assert all(address.startswith("127.0.0.1:") for address in ours), ours
+
+
+def _get(url: str, user: str | None = None, password: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if user is not None:
+        token = b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_server_wants_credentials(team: Team) -> None:
+    env = team.env
+    url = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(url) == 401
+    assert _get(url, "admin", "wrong") == 401
+    assert _get(url, env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == 200
+
+
+def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
+        team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_register import evaluated_run
+
+    name = "read-only-check"
+    params = tmp_path / "params.yaml"
+    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    tree["mlflow"]["registered_model"] = name
+    params.write_text(yaml.safe_dump(tree))
+    for key, value in team.env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    admin = MlflowClient()
+    admin.create_registered_model(name)
+    for accuracy in (0.7, 0.8):
+        run_id, uri = evaluated_run(accuracy)
+        admin.create_model_version(name, uri, run_id=run_id, model_id=uri.split("/")[-1])
+    admin.set_registered_model_alias(name, "champion", "2")
+
+    made = subprocess.run(
+        ["make", "--no-print-directory", f"VENV={VENV}", "team-user", "NAME=reader",
+         "PERMISSION=READ",
+         f"TEAM_ARGS=--state {team.state} --env-file {team.env_file} --params {params}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    user_file = team.state / "users" / "reader.env"
+    assert str(user_file) in made.stdout
+    assert stat.S_IMODE(user_file.stat().st_mode) == 0o600
+    from tests.team_stack import read_env_file
+
+    reader_env = read_env_file(user_file)
+    assert reader_env["MLFLOW_TRACKING_USERNAME"] == "reader"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", reader_env["MLFLOW_TRACKING_PASSWORD"])
+    reader = MlflowClient()
+    model = mlflow.sklearn.load_model(f"models:/{name}@champion")
+    assert model.predict([[3.0]]).tolist() == [1]
+    for forbidden in (lambda: reader.set_registered_model_alias(name, "champion", "1"),
+                      lambda: reader.delete_model_version(name, "2"),
+                      lambda: reader.delete_registered_model_alias(name, "champion")):
+        with pytest.raises(MlflowException) as refused:
+            forbidden()
+        assert refused.value.error_code == "PERMISSION_DENIED"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.env["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.env["MLFLOW_TRACKING_PASSWORD"])
+    assert admin.get_model_version_by_alias(name, "champion").version == "2"
+    assert len(admin.search_model_versions(f"name='{name}'")) == 2
+
+
+@pytest.fixture(scope="module")
+def offline_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """A copy of the project whose tracking URI points at a port where nothing listens."""
+    base = tmp_path_factory.mktemp("offline")
+    repo = make_repo(base / "repo", base / "mirror")
+    repo.env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    return repo
+
+
+DOWN_COMMANDS = {
+    "make train": ["make", f"VENV={VENV}", "train"],
+    "dvc repro": [str(BIN / "dvc"), "repro"],
+    "python -m pipeline.train": [sys.executable, "-m", "pipeline.train"],
+    "python -m pipeline.train -m": [sys.executable, "-m", "pipeline.train", "-m",
+                                    "model.learning_rate=0.1,0.2"],
+    "make retrain": ["make", f"VENV={VENV}", "retrain"],
+    "python -m pipeline.predict": [sys.executable, "-m", "pipeline.predict", "x.npy"],
+    "make serve": ["make", f"VENV={VENV}", "serve"],
+}
+
+
+@pytest.mark.parametrize("command", list(DOWN_COMMANDS))
+def test_a_server_that_is_down_fails_every_command_in_seconds(
+        offline_repo: Repo, command: str) -> None:
+    import numpy as np
+
+    np.save(offline_repo.root / "x.npy", np.zeros((1, 28, 28), dtype=np.uint8))
+    started = time.monotonic()
+    result = offline_repo.run(*DOWN_COMMANDS[command], check=False)
+    seconds = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert seconds < 10, f"{command} took {seconds:.1f} s"
+    assert "cannot reach the MLflow tracking server http://127.0.0.1:9" in output, output
+    assert "Traceback" not in output, output
+    # Nothing half-written: no model saved, no record of a new run (DVC removes the outputs
+    # of a stage it is about to run, so the committed run.json may be gone, never replaced).
+    assert not (offline_repo.root / "models" / "model.skops").exists()
+    run_file = offline_repo.root / "models" / "run.json"
+    assert not run_file.exists() or json.loads(run_file.read_text()) == json.loads(
+        (REPO_ROOT / "models" / "run.json").read_text())
+
+
+@pytest.mark.parametrize(("user", "password", "named"), [
+    (None, None, "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set"),
+    ("admin", "wrong", "the password of user 'admin' was refused"),
+])
+def test_wrong_or_missing_credentials_name_the_variables(
+        team: Team, offline_repo: Repo, user: str | None, password: str | None,
+        named: str) -> None:
+    env = team.client_environment(offline_repo.env)
+    env.pop("MLFLOW_TRACKING_USERNAME")
+    env.pop("MLFLOW_TRACKING_PASSWORD")
+    if user is not None:
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
+    for command in (DOWN_COMMANDS["dvc repro"], DOWN_COMMANDS["python -m pipeline.predict"]):
+        result = subprocess.run(command, cwd=offline_repo.root, env=env, capture_output=True,
+                                text=True, timeout=120)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        assert named in output and "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" \
+            in output, output
+        assert "Traceback" not in output, output
