@@ -34,7 +34,7 @@ def test_up_again_starts_nothing_and_team_env_is_private(team: Team) -> None:
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                 "DVC_REMOTE_URL", "DVC_REMOTE_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                 "AWS_SECRET_ACCESS_KEY", "AWS_REQUEST_CHECKSUM_CALCULATION",
-                "FMNIST_REGISTRY_LOCK_URL"):
+                "FMNIST_REGISTRY_LOCK_URL", "OPTUNA_STORAGE"):
         assert env[key], key
     status = team.command("status")
     assert [line.split(":")[0] for line in status.stdout.splitlines()] == [
