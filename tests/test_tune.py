@@ -168,3 +168,13 @@ def test_a_bad_search_space_is_refused_before_anything_runs(repo: Repo) -> None:
     assert "Traceback" not in result.stderr
     assert runs_of(repo, "bad") == ([], [])
     assert len(versions(repo)) == before
+
+
+def test_worker_seeds_differ_between_invocations_and_workers() -> None:
+    """Two machines joining one study with the same --seed must not draw the same points."""
+    from pipeline.commands.tune import worker_seed
+
+    seeds = {worker_seed(0, parent, worker) for parent in ("run-a", "run-b") for worker in (0, 1)}
+    assert len(seeds) == 4
+    assert worker_seed(0, "run-a", 1) == worker_seed(0, "run-a", 1)  # reproducible per invocation
+    assert worker_seed(None, "run-a", 0) is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import multiprocessing
 import os
 import socket
@@ -122,6 +123,19 @@ def _pruner(name: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def worker_seed(seed: int | None, parent_run_id: str, worker: int) -> int | None:
+    """The sampler seed of one worker: `--seed` mixed with the invocation and the worker.
+
+    The invocation's parent run id is unique, so two invocations sharing a study (on this
+    machine or another, with the same --seed or not) never draw the same sequence of points, as
+    they could if the seed were derived from the study's size when each started.
+    """
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"{seed}:{parent_run_id}:{worker}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def load_study(plan: Plan, sampler_seed: int | None = None) -> Any:
     import optuna
 
@@ -218,9 +232,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
     tracking.fail_runs_on_sigterm()
     store.connect(plan.cfg.mlflow)
     trainer = _Trainer(plan)
-    # Seeds differ between workers and between invocations, so no two draw the same points.
-    study = load_study(plan, None if plan.seed is None
-                       else plan.seed + 1000 * worker + len(_all_trials(plan)))
+    study = load_study(plan, worker_seed(plan.seed, plan.parent_run_id, worker))
     while plan.deadline is None or time.time() < plan.deadline:
         with tickets.get_lock():
             if tickets.value <= 0:
@@ -435,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="start no trial after this many seconds")
     parser.add_argument("--study", default=None,
                         help="study name (default: <experiment>-<model kind>); reuse to resume")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the samplers")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the samplers, mixed with the parent run id of the "
+                             "invocation so that invocations never draw the same points")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search.pruner=none")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
