@@ -230,6 +230,12 @@ class ResolvedModel:
     description: str
     tracking_uri: str | None  # None for a local file or folder
 
+    def explain(self, message: str) -> str:
+        """`message` about the loaded URI, saying which version an alias stood for."""
+        if self.uri == self.requested:
+            return message
+        return f"{self.requested} is version {self.uri.rsplit('/', 1)[1]}: {message}"
+
 
 def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
     """Pin `models:/NAME@alias` to its version, so what is checked is what gets loaded."""
@@ -279,9 +285,7 @@ def load_resolved(resolved: ResolvedModel) -> Any:
         hint = ("" if resolved.tracking_uri is not None or path.suffix == ".skops" else
                 "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
                 "runs:/<run id>/model, an MLflow model folder or a .skops file")
-        pinned = f"{uri} is version {resolved.uri.rsplit('/', 1)[1]}: " \
-            if resolved.uri != uri else ""
-        raise ModelError(f"{pinned}{exc}{hint}") from None
+        raise ModelError(resolved.explain(f"{exc}{hint}")) from None
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise ModelError(f"cannot load {uri} from {resolved.tracking_uri}: {message}") from None

@@ -220,9 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         resolved = predict.resolve_model(requested, cfg.mlflow)  # an alias pinned to its version
-        model = load_served_model(resolved.uri, resolved.tracking_uri)
-    except (ServeError, predict.ModelError) as exc:
+    except predict.ModelError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
+        return predict.EXIT_MODEL
+    try:
+        model = load_served_model(resolved.uri, resolved.tracking_uri)
+    except ServeError as exc:
+        print(f"serve: error: {resolved.explain(str(exc))}", file=sys.stderr)
         return predict.EXIT_MODEL
     model_uri = resolved.description
     import uvicorn
