@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if params.yaml differs from the composition of conf/")
     parser.add_argument("--output", default=config.PARAMS_FILE)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.lr=0.01")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.learning_rate=0.01")
     args = parser.parse_args(argv)
 
     root = Path.cwd()
@@ -62,15 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"params: {output} matches {CONFIG_DIR}/")
         return 0
+    if current == text:  # checked when it was written, and by the validate stage
+        print(f"params: {output} is up to date")
+        return 0
     try:
         models.check_params(config.validate(yaml.safe_load(text)).model)
     except config.ConfigError as exc:
         print(f"params: error: {CONFIG_DIR}/ composes to an invalid configuration: {exc}",
               file=sys.stderr)
         return 1
-    if current == text:
-        print(f"params: {output} is up to date")
-        return 0
     atomic_write_text(output, text)
     print(f"params: wrote {output} from {CONFIG_DIR}/")
     return 0
