@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if params.yaml differs from the composition of conf/")
     parser.add_argument("--output", default=config.PARAMS_FILE)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.learning_rate=0.01")
+    parser.add_argument("overrides", nargs="*",
+                        help="Hydra overrides, e.g. model.learning_rate=0.01")
     args = parser.parse_args(argv)
 
     root = Path.cwd()
