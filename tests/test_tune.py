@@ -174,7 +174,11 @@ def test_worker_seeds_differ_between_invocations_and_workers() -> None:
     """Two machines joining one study with the same --seed must not draw the same points."""
     from pipeline.commands.tune import worker_seed
 
-    seeds = {worker_seed(0, parent, worker) for parent in ("run-a", "run-b") for worker in (0, 1)}
-    assert len(seeds) == 4
-    assert worker_seed(0, "run-a", 1) == worker_seed(0, "run-a", 1)  # reproducible per invocation
-    assert worker_seed(None, "run-a", 0) is None
+    shared = {worker_seed(0, worker, 0, parent) for parent in ("run-a", "run-b")
+              for worker in (0, 1)}
+    assert len(shared) == 4
+    # Even seeds that add up alike (seed 0 at 1 trial, seed 1 at 0 trials) differ when shared.
+    assert worker_seed(0, 0, 1, "run-a") != worker_seed(1, 0, 0, "run-b")
+    # On the embedded store a seeded invocation is reproducible.
+    assert worker_seed(0, 1, 5) == worker_seed(0, 1, 5) == 1005
+    assert worker_seed(None, 0, 0, "run-a") is None

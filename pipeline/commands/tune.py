@@ -123,17 +123,21 @@ def _pruner(name: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def worker_seed(seed: int | None, parent_run_id: str, worker: int) -> int | None:
-    """The sampler seed of one worker: `--seed` mixed with the invocation and the worker.
+def worker_seed(seed: int | None, worker: int, n_trials: int,
+                shared_by: str | None = None) -> int | None:
+    """The sampler seed of one worker: `--seed` mixed with the worker and the study's size.
 
-    The invocation's parent run id is unique, so two invocations sharing a study (on this
-    machine or another, with the same --seed or not) never draw the same sequence of points, as
-    they could if the seed were derived from the study's size when each started.
+    On the embedded store a seeded invocation is reproducible. A study in a shared database
+    (`$OPTUNA_STORAGE`) may be joined at the same moment, with the same --seed, from another
+    machine: there `shared_by`, the invocation's unique parent run id, is mixed in too, so no
+    two invocations draw the same sequence of points.
     """
     if seed is None:
         return None
-    digest = hashlib.sha256(f"{seed}:{parent_run_id}:{worker}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+    if shared_by is None:
+        return seed + 1000 * worker + n_trials
+    key = f"{seed}:{worker}:{n_trials}:{shared_by}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
 
 
 def load_study(plan: Plan, sampler_seed: int | None = None) -> Any:
@@ -232,7 +236,8 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
     tracking.fail_runs_on_sigterm()
     store.connect(plan.cfg.mlflow)
     trainer = _Trainer(plan)
-    study = load_study(plan, worker_seed(plan.seed, plan.parent_run_id, worker))
+    shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
+    study = load_study(plan, worker_seed(plan.seed, worker, len(_all_trials(plan)), shared))
     while plan.deadline is None or time.time() < plan.deadline:
         with tickets.get_lock():
             if tickets.value <= 0:
@@ -448,8 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", default=None,
                         help="study name (default: <experiment>-<model kind>); reuse to resume")
     parser.add_argument("--seed", type=int, default=None,
-                        help="seed of the samplers, mixed with the parent run id of the "
-                             "invocation so that invocations never draw the same points")
+                        help="seed of the samplers (in a shared $OPTUNA_STORAGE, mixed with "
+                             "the invocation so that machines never draw the same points)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search.pruner=none")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
