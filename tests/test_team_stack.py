@@ -118,6 +118,7 @@ def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
     reader = MlflowClient()
     model = mlflow.sklearn.load_model(f"models:/{name}@champion")
     assert model.predict([[3.0]]).tolist() == [1]
+    _the_rest_reader_agrees_with_mlflow(team, reader, name, tmp_path)
     for forbidden in (lambda: reader.set_registered_model_alias(name, "champion", "1"),
                       lambda: reader.delete_model_version(name, "2"),
                       lambda: reader.delete_registered_model_alias(name, "champion")):
@@ -128,6 +129,27 @@ def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.env["MLFLOW_TRACKING_PASSWORD"])
     assert admin.get_model_version_by_alias(name, "champion").version == "2"
     assert len(admin.search_model_versions(f"name='{name}'")) == 2
+
+
+def _the_rest_reader_agrees_with_mlflow(team: Team, client, name: str, tmp_path: Path) -> None:
+    """What `predict` reads without MLflow's client (registry_reader) is what MLflow reads."""
+    import mlflow.artifacts
+
+    from pipeline.support import models, registry_reader
+
+    rest = registry_reader.open_registry(team.env["MLFLOW_TRACKING_URI"])
+    assert isinstance(rest, registry_reader.RestRegistry)
+    assert rest.aliases(name) == {"champion": "2"}
+    assert rest.aliases("no-such-model") is None
+    assert rest.versions(name) == [1, 2]
+    record = rest.version(name, "2")
+    assert record.run_id == client.get_model_version(name, "2").run_id
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2",
+                                                          dst_path=str(tmp_path)))
+    for file in ("MLmodel", "model.skops"):
+        assert record.read(file, 1 << 20) == (downloaded / file).read_bytes()
+    loaded = models.load_model_files(record.read, f"models:/{name}/2")
+    assert loaded.predict([[3.0]]).tolist() == [1]
 
 
 @pytest.fixture(scope="module")

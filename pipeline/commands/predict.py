@@ -14,9 +14,11 @@ INPUT, any number and mix of:
 `models:/<name>/<version>`, `runs:/<run id>/model`, an MLflow model folder, or the path of a
 `.skops` file such as `models/model.skops`. The MLflow store is $MLFLOW_TRACKING_URI, else
 `mlflow.tracking_uri` of the parameter file: the stages' rule. Predicting never writes to the
-store, and MLflow (several seconds to import) is only imported for `models:/` and `runs:/` URIs
-and model folders. Only skops models with the pipeline's trusted types are loaded: a logged
-model saved any other way (pickle, cloudpickle) is refused from its MLmodel file, unread.
+store. A registered model (`models:/NAME@alias`, `models:/NAME/N`) in the sqlite store or on a
+tracking server that proxies its artifacts is read without importing MLflow (about 2 s saved,
+see `pipeline.support.registry_reader`); `runs:/` URIs, model folders and other stores go
+through MLflow's client. Only skops models with the pipeline's trusted types are loaded: a
+logged model saved any other way (pickle, cloudpickle) is refused from its MLmodel file, unread.
 
 Output: one row per image (its file, with `[index]` for the images of an IDX or .npy file), the
 most probable classes and their probabilities as an aligned table; with --json a JSON list, one
@@ -45,7 +47,7 @@ import numpy as np
 from pipeline.core.extra import read_png
 from pipeline.core.files import MAX_ARRAY_FILE_BYTES, FileRefusedError, open_regular, read_bounded
 from pipeline.core.idx import IMAGE_SHAPE, IdxFormatError, read_idx
-from pipeline.support import config, models, store
+from pipeline.support import config, models, registry_reader, store
 
 EXIT_INPUT = 1
 EXIT_MODEL = 3
@@ -183,10 +185,12 @@ def check_store(uri: str) -> None:
         raise ModelError(str(exc)) from None
 
 
-def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
-    """The registry entry a `models:/` URI names, or ModelError saying what is missing."""
-    from mlflow.exceptions import MlflowException
+def _registered_version(registry: registry_reader.Registry, uri: str,
+                        tracking_uri: str) -> registry_reader.VersionRecord:
+    """The registry entry a `models:/` URI names, or ModelError saying what is missing.
 
+    Unsupported: a URI only MLflow resolves (a logged model id, `latest`, a stage).
+    """
     reference = uri.removeprefix("models:/")
     if "@" in reference:
         name, alias = reference.split("@", 1)
@@ -195,30 +199,26 @@ def _registered_version(client: Any, uri: str, tracking_uri: str) -> Any | None:
         name, version = reference.split("/", 1)
         alias = None
     else:
-        return None  # a logged model id (models:/m-...): MLflow resolves it
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
-                             "register one with `make train`") from None
-        raise
+        raise registry_reader.Unsupported(f"{uri} is a logged model id")
+    aliases = registry.aliases(name)
+    if aliases is None:
+        raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
+                         "register one with `make train`")
     if alias is not None:
-        aliases = registered.aliases or {}
         if alias not in aliases:
             if alias == store.CHAMPION:
                 raise ModelError(f"no champion yet for {name!r} in {tracking_uri}: "
                                  "run `make train`")
             known = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
             raise ModelError(f"{name!r} has no alias {alias!r} (aliases: {known or 'none'})")
-        return client.get_model_version(name, str(aliases[alias]))
+        return registry.version(name, aliases[alias])
     if not version.isdigit():
-        return None  # `latest` or a stage: MLflow resolves it
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        raise registry_reader.Unsupported(f"{uri} names no version number")
+    versions = registry.versions(name)
     if int(version) not in versions:
         raise ModelError(f"{name!r} has no version {version} "
                          f"(versions: {', '.join(map(str, versions)) or 'none'})")
-    return client.get_model_version(name, version)
+    return registry.version(name, version)
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,7 @@ class ResolvedModel:
     uri: str
     description: str
     tracking_uri: str | None  # None for a local file or folder
+    files: registry_reader.FileReader | None = None  # the version's files, read without MLflow
 
     def explain(self, message: str) -> str:
         """`message` about the loaded URI, saying which version an alias stood for."""
@@ -237,31 +238,47 @@ class ResolvedModel:
         return f"{self.requested} is version {self.uri.rsplit('/', 1)[1]}: {message}"
 
 
+def _pinned(registry: registry_reader.Registry, uri: str, tracking_uri: str) -> ResolvedModel:
+    try:
+        record = _registered_version(registry, uri, tracking_uri)
+    except (ModelError, registry_reader.Unsupported):
+        raise
+    except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
+    return ResolvedModel(uri, f"models:/{record.name}/{record.version}",
+                         f"{uri} (version {record.version}, run {record.run_id})", tracking_uri,
+                         record.read)
+
+
 def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
-    """Pin `models:/NAME@alias` to its version, so what is checked is what gets loaded."""
+    """Pin `models:/NAME@alias` to its version, so what is checked is what gets loaded.
+
+    The registry is read directly when it can be (`registry_reader`: no MLflow import, about
+    2 s saved); any other store or URI goes through MLflow's client.
+    """
     if urlsplit(uri).scheme not in ("models", "runs"):
         return ResolvedModel(uri, uri, uri, None)
     tracking_uri = store.tracking_uri(mlflow_cfg)
     check_store(tracking_uri)
+    if uri.startswith("models:/"):
+        try:
+            return _pinned(registry_reader.open_registry(tracking_uri), uri, tracking_uri)
+        except registry_reader.Unsupported:
+            pass
+        except registry_reader.RegistryError as exc:
+            raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {exc}") from None
     store.quiet_mlflow()
     models.import_skops()  # before MLflow imports it: skops's table of trusted types, kept once
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
     if not uri.startswith("models:/"):
         return ResolvedModel(uri, uri, uri, tracking_uri)
     try:
-        version = _registered_version(MlflowClient(), uri, tracking_uri)
-    except ModelError:
-        raise
-    except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
-    if version is None:
+        return _pinned(registry_reader.ClientRegistry(), uri, tracking_uri)
+    except registry_reader.Unsupported:
         return ResolvedModel(uri, uri, uri, tracking_uri)
-    return ResolvedModel(uri, f"models:/{version.name}/{version.version}",
-                         f"{uri} (version {version.version}, run {version.run_id})", tracking_uri)
 
 
 def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
@@ -278,6 +295,8 @@ def load_resolved(resolved: ResolvedModel) -> Any:
     """The estimator of a resolved `--model`; ModelError names it and the way out."""
     uri, path = resolved.requested, Path(resolved.uri)
     try:
+        if resolved.files is not None:
+            return models.load_model_files(resolved.files, resolved.uri)
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
             return models.load_model_uri(resolved.uri, resolved.tracking_uri)
         return models.load(path)
@@ -286,6 +305,8 @@ def load_resolved(resolved: ResolvedModel) -> Any:
                 "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
                 "runs:/<run id>/model, an MLflow model folder or a .skops file")
         raise ModelError(resolved.explain(f"{exc}{hint}")) from None
+    except registry_reader.RegistryError as exc:
+        raise ModelError(resolved.explain(f"cannot read the model: {exc}")) from None
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise ModelError(f"cannot load {uri} from {resolved.tracking_uri}: {message}") from None

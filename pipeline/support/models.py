@@ -294,16 +294,19 @@ def reproducible_skops(archive: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _rebuild(path: Path, name: str):
-    """skops.io.load with TRUSTED_TYPES; ModelFileError names `name` and what is wrong."""
+def _rebuild(source: Path | bytes, name: str):
+    """skops.io.load(s) with TRUSTED_TYPES; ModelFileError names `name` and what is wrong."""
     skops_io = import_skops()
+    given = {"data": source} if isinstance(source, bytes) else {"file": source}
     try:
-        untrusted = set(skops_io.get_untrusted_types(file=path))
+        untrusted = set(skops_io.get_untrusted_types(**given))
         unexpected = untrusted - set(TRUSTED_TYPES)
         if unexpected:
             raise UntrustedModelError(
                 f"{name} contains types this pipeline does not trust: {sorted(unexpected)}")
-        return skops_io.load(path, trusted=sorted(untrusted))
+        if isinstance(source, bytes):
+            return skops_io.loads(source, trusted=sorted(untrusted))
+        return skops_io.load(source, trusted=sorted(untrusted))
     except ModelFileError:
         raise
     except Exception as exc:  # a truncated or foreign file fails in many ways inside skops
@@ -393,6 +396,31 @@ def load_model_uri(uri: str, tracking_uri: str | None = None):
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{name}",
                                                     dst_path=tmp)
         return _rebuild(Path(local), f"{uri} ({name})")
+
+
+# Caps on what a model version's files may weigh: MLmodel is a page of YAML, the default model's
+# skops file about 100 KB.
+MAX_MLMODEL_BYTES = 1 << 20
+MAX_MODEL_BYTES = 512 << 20
+
+
+def load_model_files(read: Callable[[str, int], bytes], uri: str):
+    """A logged model from its files, read by `read(name, max_bytes)` (see registry_reader).
+
+    The same checks as `load_model_uri` without MLflow: the MLmodel file first (parsed as plain
+    YAML data), then only the skops file it names, rebuilt with the TRUSTED_TYPES.
+    """
+    import yaml
+
+    try:
+        meta = yaml.safe_load(read("MLmodel", MAX_MLMODEL_BYTES))
+    except yaml.YAMLError as exc:
+        raise ModelFileError(f"{uri}: its MLmodel file is not YAML ({exc})") from None
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    if not isinstance(flavors, dict):
+        raise ModelFileError(f"{uri}: its MLmodel file declares no flavors")
+    name = trusted_model_file(uri, flavors)
+    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})")
 
 
 def pip_requirements() -> list[str]:

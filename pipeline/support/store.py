@@ -118,6 +118,16 @@ class StoreUnavailable(ConnectionError):
     """The tracking server cannot be reached or refuses us; the message says what to do."""
 
 
+def auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send: basic auth, else a bearer token."""
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        return {"Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()}
+    if os.environ.get(TOKEN_ENV):
+        return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+    return {}
+
+
 def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
     """Before any work: a tracking server must answer, and accept our credentials, in seconds.
 
@@ -127,13 +137,9 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
     if is_local(uri):
         return
     request = urllib.request.Request(
-        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
+        headers=auth_headers())
     user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
-    if user and password:
-        token = b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    elif os.environ.get(TOKEN_ENV):
-        request.add_header("Authorization", f"Bearer {os.environ[TOKEN_ENV]}")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return

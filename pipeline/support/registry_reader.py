@@ -1,0 +1,292 @@
+"""The model registry, read without MLflow's client, so `predict` answers in about a second.
+
+Importing MLflow with its SQL store takes about 2 s, more than everything else `predict` does.
+Pinning `models:/NAME@alias` or `models:/NAME/N` to a version and reading the version's files
+takes a few reads: read-only SQL on the embedded sqlite store, or MLflow's REST API on a
+tracking server (the same requests its client sends). What is read is then checked as every
+other model is (`models.load_model_files`: the MLmodel file first, then the skops file with
+the trusted types).
+
+This reader covers what the pipeline itself sets up. Anything else raises `Unsupported` and the
+caller asks MLflow's client, which stays the authority: a store whose tables it does not
+recognise, a file store, artifacts the server does not proxy (an `s3://` location read with the
+client's own credentials), or an ambiguous answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.core.files import FileRefusedError, read_bounded
+from pipeline.support import store
+
+REQUEST_TIMEOUT = 10.0  # seconds, as MLflow's client is given (store._MLFLOW_DEFAULTS)
+MAX_ANSWER_BYTES = 1 << 20  # a registry answer: a few hundred bytes
+DELETED_STAGE = "Deleted_Internal"  # how MLflow's SQL store marks a deleted version
+DEFAULT_WORKSPACE = "default"
+
+# Reads one file of a model version: its path inside the version's folder, and a size cap.
+FileReader = Callable[[str, int], bytes]
+
+
+class Unsupported(Exception):
+    """This store or this answer needs MLflow's client; the caller falls back to it."""
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """A registered model version, as much of it as loading needs."""
+
+    name: str
+    version: str
+    run_id: str | None
+    read: FileReader | None  # the version's files (MLmodel, the skops file); None: ask MLflow
+
+
+class Registry(Protocol):
+    """What resolving a `models:/` URI asks of a registry."""
+
+    def aliases(self, name: str) -> dict[str, str] | None:
+        """alias -> version of the registered model `name`; None if there is no such model."""
+
+    def versions(self, name: str) -> list[int]:
+        """The version numbers of `name` that exist (deleted ones excluded), ascending."""
+
+    def version(self, name: str, version: str) -> VersionRecord:
+        """The version `version` of `name`, which exists."""
+
+
+def open_registry(tracking_uri: str) -> Registry:
+    """A reader for this store, or Unsupported when only MLflow's client should read it."""
+    scheme = urllib.parse.urlsplit(tracking_uri).scheme
+    if scheme == "sqlite":
+        path = store.local_store_path(tracking_uri)
+        if path is None or not path.is_file():
+            raise Unsupported(f"no sqlite file behind {tracking_uri}")
+        return SqliteRegistry(path)
+    if scheme in ("http", "https"):
+        return RestRegistry(tracking_uri)
+    raise Unsupported(f"{scheme or 'file'} stores are read by MLflow's client")
+
+
+# --- Files --------------------------------------------------------------------------------------
+
+
+def local_reader(folder: Path) -> FileReader:
+    """Files of a version stored on this machine: regular files only, sizes capped."""
+
+    def read(name: str, limit: int) -> bytes:
+        try:
+            return read_bounded(folder / name, limit)
+        except FileNotFoundError:
+            raise RegistryError(f"{folder / name} is missing from the model's folder") from None
+        except FileRefusedError as exc:
+            raise RegistryError(str(exc)) from None
+        except OSError as exc:
+            raise RegistryError(f"cannot read {folder / name}: {exc.strerror or exc}") from None
+
+    return read
+
+
+def local_folder(location: str) -> Path:
+    """The folder behind a version's storage location, if it is on this machine."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost"):
+        return Path(urllib.parse.unquote(parts.path))
+    if parts.scheme == "" and location.startswith("/"):
+        return Path(location)
+    raise Unsupported(f"the model's files are at {location}")
+
+
+# --- The embedded store ---------------------------------------------------------------------
+
+
+class SqliteRegistry:
+    """MLflow's registry tables in a sqlite file, opened read-only.
+
+    The queries follow MLflow's SQL store: the default workspace, versions marked deleted are
+    gone, the files are at `storage_location`, else `source`. A missing table or column (another
+    schema) is Unsupported.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _rows(self, query: str, *args: object) -> list[tuple]:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                                    timeout=REQUEST_TIMEOUT)) as db:
+                workspaces = any(row[1] == "workspace" for row in
+                                 db.execute("PRAGMA table_info(registered_models)"))
+                if not workspaces:
+                    query = query.replace("AND workspace = ?", "")
+                    args = tuple(a for a in args if a is not DEFAULT_WORKSPACE)
+                return db.execute(query, args).fetchall()
+        except sqlite3.OperationalError as exc:  # no such table or column: not MLflow's schema
+            raise Unsupported(f"{self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"cannot read the MLflow store {self.path}: {exc}") from None
+
+    def aliases(self, name: str) -> dict[str, str] | None:
+        found = self._rows("SELECT count(*) FROM registered_models "
+                           "WHERE name = ? AND workspace = ?", name, DEFAULT_WORKSPACE)
+        if found[0][0] == 0:
+            return None
+        rows = self._rows("SELECT alias, version FROM registered_model_aliases "
+                          "WHERE name = ? AND workspace = ?", name, DEFAULT_WORKSPACE)
+        return {alias: str(version) for alias, version in rows}
+
+    def versions(self, name: str) -> list[int]:
+        rows = self._rows("SELECT version FROM model_versions WHERE name = ? "
+                          "AND workspace = ? AND (current_stage IS NULL OR current_stage != ?)",
+                          name, DEFAULT_WORKSPACE, DELETED_STAGE)
+        return sorted(int(row[0]) for row in rows)
+
+    def version(self, name: str, version: str) -> VersionRecord:
+        rows = self._rows("SELECT run_id, storage_location, source FROM model_versions "
+                          "WHERE name = ? AND version = ? AND workspace = ? "
+                          "AND (current_stage IS NULL OR current_stage != ?)",
+                          name, int(version), DEFAULT_WORKSPACE, DELETED_STAGE)
+        if len(rows) != 1:
+            raise Unsupported(f"{len(rows)} rows for version {version} of {name!r}")
+        run_id, storage_location, source = rows[0]
+        folder = local_folder(storage_location or source or "")
+        return VersionRecord(name, str(version), run_id, local_reader(folder))
+
+
+# --- A tracking server ----------------------------------------------------------------------
+
+
+class RestRegistry:
+    """MLflow's REST API (the requests its client sends), with the client's credentials.
+
+    The model's files are read through the server's artifact proxy (`mlflow-artifacts:`
+    locations, as `mlflow server` stores them by default and team mode sets up).
+    """
+
+    def __init__(self, server: str) -> None:
+        self.server = server.rstrip("/")
+
+    def _get(self, path: str, limit: int = MAX_ANSWER_BYTES,
+             **query: str) -> tuple[int, bytes]:
+        url = f"{self.server}/{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(url, headers=store.auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as answer:
+                body = answer.read(limit + 1)
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(MAX_ANSWER_BYTES), exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            raise RegistryError(f"cannot reach {self.server}: "
+                                f"{getattr(exc, 'reason', exc)}") from None
+        if len(body) > limit:
+            raise RegistryError(f"{url}: more than the {limit} bytes allowed")
+        return status, body
+
+    def _json(self, endpoint: str, missing_ok: bool = False, **query: str) -> dict | None:
+        status, body = self._get(f"api/2.0/mlflow/{endpoint}", **query)
+        try:
+            answer = json.loads(body or b"{}")
+        except ValueError:
+            answer = {}
+        if status == 404 and missing_ok and answer.get("error_code") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        if status != 200:
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise RegistryError(f"{self.server} answered HTTP {status} to {endpoint}: "
+                                f"{message or body[:200].decode(errors='replace')}")
+        if not isinstance(answer, dict):
+            raise Unsupported(f"{endpoint}: unexpected answer")
+        return answer
+
+    def aliases(self, name: str) -> dict[str, str] | None:
+        answer = self._json("registered-models/get", missing_ok=True, name=name)
+        if answer is None:
+            return None
+        model = answer.get("registered_model", {})
+        return {entry["alias"]: str(entry["version"]) for entry in model.get("aliases", [])}
+
+    def versions(self, name: str) -> list[int]:
+        found, token = [], None
+        while True:
+            query = {"filter": f"name='{name}'", "max_results": "1000"}
+            if token:
+                query["page_token"] = token
+            answer = self._json("model-versions/search", **query) or {}
+            found += [int(v["version"]) for v in answer.get("model_versions", [])]
+            token = answer.get("next_page_token")
+            if not token:
+                return sorted(found)
+
+    def version(self, name: str, version: str) -> VersionRecord:
+        record = (self._json("model-versions/get", name=name, version=version) or {}).get(
+            "model_version", {})
+        location = (self._json("model-versions/get-download-uri", name=name,
+                               version=version) or {}).get("artifact_uri", "")
+        return VersionRecord(name, str(version), record.get("run_id"),
+                             self._proxied_reader(location))
+
+    def _proxied_reader(self, location: str) -> FileReader:
+        parts = urllib.parse.urlsplit(location)
+        own = urllib.parse.urlsplit(self.server).netloc
+        if parts.scheme != "mlflow-artifacts" or parts.netloc not in ("", own):
+            raise Unsupported(f"the model's files are at {location}")
+        prefix = "api/2.0/mlflow-artifacts/artifacts/" + parts.path.strip("/")
+
+        def read(name: str, limit: int) -> bytes:
+            status, body = self._get(f"{prefix}/{urllib.parse.quote(name)}", limit)
+            if status != 200:
+                raise RegistryError(f"{self.server} answered HTTP {status} for {name} of the "
+                                    f"model at {location}")
+            return body
+
+        return read
+
+
+# --- Any store, through MLflow's client -------------------------------------------------------
+
+
+class ClientRegistry:
+    """The same questions through MLflow's client: any store MLflow can read.
+
+    Its versions carry no file reader: they are loaded by `models.load_model_uri`.
+    """
+
+    def __init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+
+    def aliases(self, name: str) -> dict[str, str] | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            registered = self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+
+    def version(self, name: str, version: str) -> VersionRecord:
+        found = self.client.get_model_version(name, version)
+        return VersionRecord(found.name, str(found.version), found.run_id, None)

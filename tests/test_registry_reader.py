@@ -1,0 +1,185 @@
+"""The registry read without MLflow's client gives MLflow's answers, and `predict` relies on it.
+
+A real sqlite store and registry, written by MLflow's client: versions, aliases, a deleted
+version. The direct reader and MLflow's client are asked the same questions and must agree,
+down to the bytes of the model's files. (The same comparison against a tracking server, with a
+read-only user, is in tests/test_team_stack.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.commands import predict
+from pipeline.core.estimator import SoftmaxRegression
+from pipeline.support import models, registry_reader
+from tests.repo_copy import MODEL_NAME
+from tests.synthetic import REPO_ROOT, data_params, make_dataset, write_params
+
+
+@dataclass
+class Registry:
+    root: Path
+    tracking_uri: str
+    estimators: dict[str, SoftmaxRegression]  # version -> what was logged
+    X: np.ndarray
+    params: Path
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, archives) -> Registry:
+    """Versions 1..3 of MODEL_NAME; 1 deleted, champion -> 2, challenger -> 3."""
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("registry-reader")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    X, y = make_dataset(10, seed=4)
+    X = X.reshape(len(X), 784)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment = client.create_experiment("reader", artifact_location=str(root / "artifacts"))
+    estimators = {}
+    for version, epochs in zip("123", (1, 2, 3), strict=True):
+        estimator = SoftmaxRegression(epochs=epochs, random_state=0).fit(X, y)
+        with mlflow.start_run(experiment_id=experiment):
+            mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
+                                     skops_trusted_types=models.TRUSTED_TYPES,
+                                     registered_model_name=MODEL_NAME)
+        estimators[version] = estimator
+    client.set_registered_model_alias(MODEL_NAME, "champion", "2")
+    client.set_registered_model_alias(MODEL_NAME, "challenger", "3")
+    client.delete_model_version(MODEL_NAME, "1")
+    client.create_registered_model("empty")
+    mlflow.set_tracking_uri(None)
+    params = write_params(root / "params.yaml", data_params(archives.specs))
+    return Registry(root, uri, estimators, X, params)
+
+
+@pytest.fixture
+def client_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    mlflow.set_tracking_uri(registry.tracking_uri)
+    yield registry_reader.ClientRegistry()
+    mlflow.set_tracking_uri(None)
+
+
+def test_the_sqlite_reader_gives_the_clients_answers(registry: Registry,
+                                                     client_registry) -> None:
+    direct = registry_reader.open_registry(registry.tracking_uri)
+    assert isinstance(direct, registry_reader.SqliteRegistry)
+    for name in (MODEL_NAME, "empty", "absent"):
+        assert direct.aliases(name) == client_registry.aliases(name)
+        if name != "absent":
+            assert direct.versions(name) == client_registry.versions(name)
+    assert direct.aliases(MODEL_NAME) == {"champion": "2", "challenger": "3"}
+    assert direct.aliases("absent") is None
+    assert direct.versions(MODEL_NAME) == [2, 3]  # version 1 was deleted
+    for version in ("2", "3"):
+        mine, theirs = direct.version(MODEL_NAME, version), client_registry.version(
+            MODEL_NAME, version)
+        assert (mine.version, mine.run_id) == (theirs.version, theirs.run_id)
+
+
+def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, client_registry,
+                                                       tmp_path: Path) -> None:
+    import mlflow.artifacts
+
+    record = registry_reader.open_registry(registry.tracking_uri).version(MODEL_NAME, "2")
+    downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}/2",
+                                                          dst_path=str(tmp_path)))
+    for name in ("MLmodel", "model.skops"):
+        assert record.read(name, 1 << 20) == (downloaded / name).read_bytes()
+    loaded = models.load_model_files(record.read, f"models:/{MODEL_NAME}/2")
+    assert np.array_equal(loaded.predict_proba(registry.X),
+                          registry.estimators["2"].predict_proba(registry.X))
+
+
+def test_a_file_over_its_cap_or_not_regular_is_refused(registry: Registry) -> None:
+    record = registry_reader.open_registry(registry.tracking_uri).version(MODEL_NAME, "3")
+    with pytest.raises(registry_reader.RegistryError, match="bytes allowed"):
+        record.read("model.skops", 100)
+    with pytest.raises(registry_reader.RegistryError, match="missing from the model's folder"):
+        record.read("nothing.here", 100)
+
+
+def test_what_the_reader_leaves_to_mlflow(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(registry_reader.Unsupported):
+        registry_reader.open_registry(f"file://{tmp_path}")
+    with pytest.raises(registry_reader.Unsupported):
+        registry_reader.open_registry(f"sqlite:///{tmp_path / 'absent.db'}")
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).close()  # a sqlite file without MLflow's tables
+    with pytest.raises(registry_reader.Unsupported, match="no such table"):
+        registry_reader.open_registry(f"sqlite:///{other}").aliases(MODEL_NAME)
+    for location in ("s3://bucket/model", "mlflow-artifacts:/1/models/m-1/artifacts"):
+        with pytest.raises(registry_reader.Unsupported, match="the model's files are at"):
+            registry_reader.local_folder(location)
+
+
+def _predict(registry: Registry, *args: str) -> tuple[int, str, str]:
+    script = ("import sys; from pipeline import predict; "
+              f"code = predict.main({list(args)!r}); "
+              "print('mlflow' in sys.modules, code)")
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=registry.root, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+             "MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_predict_answers_with_the_champion_without_importing_mlflow(registry: Registry) -> None:
+    np.save(registry.root / "x.npy", registry.X[:3])
+    code, out, err = _predict(registry, "x.npy", "--json", "--params", str(registry.params))
+    assert code == 0, err
+    assert out.splitlines()[-1] == "False 0"  # MLflow was never imported
+    assert f"models:/{MODEL_NAME}@champion (version 2, run" in err
+    labels = [line.split('"label": ')[1].split(",")[0] for line in out.splitlines()[1:-2]]
+    assert labels == [str(v) for v in registry.estimators["2"].predict(registry.X[:3])]
+
+
+def test_predict_gives_the_same_answer_through_mlflows_client(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """When the reader steps aside (another schema, artifacts in S3...), MLflow answers the same."""
+    np.save(registry.root / "x.npy", registry.X[:3])
+    args = [str(registry.root / "x.npy"), "--json", "--params", str(registry.params)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert predict.main(args) == 0
+    direct = capsys.readouterr()
+
+    def unsupported(uri: str):
+        raise registry_reader.Unsupported("as if the store were unknown")
+
+    monkeypatch.setattr(registry_reader, "open_registry", unsupported)
+    assert predict.main(args) == 0
+    through_mlflow = capsys.readouterr()
+    assert "mlflow" in sys.modules
+    assert through_mlflow.out == direct.out
+    assert through_mlflow.err == direct.err  # the same version and run are named
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    (f"models:/{MODEL_NAME}@nope", f"'{MODEL_NAME}' has no alias 'nope' "
+                                   "(aliases: challenger -> version 3, champion -> version 2)"),
+    (f"models:/{MODEL_NAME}/1", f"'{MODEL_NAME}' has no version 1 (versions: 2, 3)"),
+    ("models:/empty@champion", "no champion yet for 'empty'"),
+])
+def test_missing_aliases_and_deleted_versions_are_named(registry: Registry, uri: str,
+                                                        message: str) -> None:
+    np.save(registry.root / "x.npy", registry.X[:1])
+    code, out, err = _predict(registry, "x.npy", "--model", uri, "--params",
+                              str(registry.params))
+    assert code == 0 and out.splitlines()[-1] == "False 3", err
+    assert message in err
