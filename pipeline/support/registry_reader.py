@@ -126,14 +126,17 @@ class SqliteRegistry:
         self.path = path
 
     def _rows(self, query: str, *args: object) -> list[tuple]:
+        """`query`'s rows; `{workspace}` in it becomes MLflow's default-workspace filter when
+        the schema has workspaces (MLflow 3.5 and later), nothing otherwise."""
         try:
             with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                                     timeout=REQUEST_TIMEOUT)) as db:
-                workspaces = any(row[1] == "workspace" for row in
-                                 db.execute("PRAGMA table_info(registered_models)"))
-                if not workspaces:
-                    query = query.replace("AND workspace = ?", "")
-                    args = tuple(a for a in args if a is not DEFAULT_WORKSPACE)
+                if any(row[1] == "workspace" for row in
+                       db.execute("PRAGMA table_info(registered_models)")):
+                    query, args = query.format(workspace="AND workspace = ?"), (
+                        *args, DEFAULT_WORKSPACE)
+                else:
+                    query = query.format(workspace="")
                 return db.execute(query, args).fetchall()
         except sqlite3.OperationalError as exc:  # no such table or column: not MLflow's schema
             raise Unsupported(f"{self.path}: {exc}") from None
@@ -141,25 +144,23 @@ class SqliteRegistry:
             raise RegistryError(f"cannot read the MLflow store {self.path}: {exc}") from None
 
     def aliases(self, name: str) -> dict[str, str] | None:
-        found = self._rows("SELECT count(*) FROM registered_models "
-                           "WHERE name = ? AND workspace = ?", name, DEFAULT_WORKSPACE)
-        if found[0][0] == 0:
+        if not self._rows("SELECT 1 FROM registered_models WHERE name = ? {workspace}", name):
             return None
         rows = self._rows("SELECT alias, version FROM registered_model_aliases "
-                          "WHERE name = ? AND workspace = ?", name, DEFAULT_WORKSPACE)
+                          "WHERE name = ? {workspace}", name)
         return {alias: str(version) for alias, version in rows}
 
     def versions(self, name: str) -> list[int]:
-        rows = self._rows("SELECT version FROM model_versions WHERE name = ? "
-                          "AND workspace = ? AND (current_stage IS NULL OR current_stage != ?)",
-                          name, DEFAULT_WORKSPACE, DELETED_STAGE)
+        rows = self._rows("SELECT version FROM model_versions WHERE name = ? AND "
+                          "(current_stage IS NULL OR current_stage != ?) {workspace}",
+                          name, DELETED_STAGE)
         return sorted(int(row[0]) for row in rows)
 
     def version(self, name: str, version: str) -> VersionRecord:
         rows = self._rows("SELECT run_id, storage_location, source FROM model_versions "
-                          "WHERE name = ? AND version = ? AND workspace = ? "
-                          "AND (current_stage IS NULL OR current_stage != ?)",
-                          name, int(version), DEFAULT_WORKSPACE, DELETED_STAGE)
+                          "WHERE name = ? AND version = ? AND "
+                          "(current_stage IS NULL OR current_stage != ?) {workspace}",
+                          name, int(version), DELETED_STAGE)
         if len(rows) != 1:
             raise Unsupported(f"{len(rows)} rows for version {version} of {name!r}")
         run_id, storage_location, source = rows[0]
