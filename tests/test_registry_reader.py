@@ -8,10 +8,13 @@ read-only user, is in tests/test_team_stack.py.)
 
 from __future__ import annotations
 
+import http.server
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +186,54 @@ def test_missing_aliases_and_deleted_versions_are_named(registry: Registry, uri:
                               str(registry.params))
     assert code == 0 and out.splitlines()[-1] == "False 3", err
     assert message in err
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a redirect to `target`, or records what it was sent."""
+
+    target: str | None = None
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.target is not None:
+            self.send_response(302)
+            self.send_header("Location", self.target + self.path)
+            self.end_headers()
+            return
+        type(self).seen.append(dict(self.headers))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def redirecting_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A 'tracking server' that redirects to another host:port, which records requests."""
+    recorder = type("Recorder", (_Recorder,), {"target": None, "seen": []})
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder)]
+    elsewhere = f"http://127.0.0.1:{servers[0].server_address[1]}"
+    redirector = type("Redirector", (_Recorder,), {"target": elsewhere})
+    servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), redirector))
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for thread in threads:
+        thread.start()
+    yield f"http://127.0.0.1:{servers[1].server_address[1]}", recorder.seen
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_credentials_never_follow_a_redirect(redirecting_server, monkeypatch) -> None:
+    from pipeline.support import store
+
+    server, seen = redirecting_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    with pytest.raises(store.StoreUnavailable, match="answered HTTP 302 redirected to http"):
+        store.check_server(server)
+    with pytest.raises(registry_reader.RegistryError, match="HTTP 302"):
+        registry_reader.open_registry(server).aliases(MODEL_NAME)
+    assert seen == []  # the other host never saw the password

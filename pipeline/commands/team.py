@@ -525,7 +525,7 @@ def _api(stack: Stack, path: str, payload: dict | None = None, method: str = "PO
                                      headers={"Authorization": f"Basic {token}",
                                               "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with store.open_url(request, 10) as response:  # the admin password follows no redirect
             return json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         detail = exc.read(2000).decode(errors="replace")

@@ -188,7 +188,7 @@ class RestRegistry:
             url += "?" + urllib.parse.urlencode(query)
         request = urllib.request.Request(url, headers=store.auth_headers())
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as answer:
+            with store.open_url(request, REQUEST_TIMEOUT) as answer:
                 body = answer.read(limit + 1)
                 status = answer.status
         except urllib.error.HTTPError as exc:

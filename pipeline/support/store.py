@@ -118,6 +118,22 @@ class StoreUnavailable(ConnectionError):
     """The tracking server cannot be reached or refuses us; the message says what to do."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would send our Authorization header to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        raise urllib.error.HTTPError(req.full_url, code, f"redirected to {newurl}, not followed",
+                                     headers, fp)
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
+def open_url(request: urllib.request.Request, timeout: float):
+    """urlopen for requests that carry credentials: redirects are not followed."""
+    return _opener.open(request, timeout=timeout)
+
+
 def auth_headers() -> dict[str, str]:
     """The credentials MLflow's client would send: basic auth, else a bearer token."""
     user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
@@ -141,7 +157,7 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
         headers=auth_headers())
     user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
+        with open_url(request, timeout):
             return
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
