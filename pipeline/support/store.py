@@ -39,6 +39,10 @@ _MLFLOW_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    # MLflow sets its logger's level when imported; INFO ("Detected uv project", "Waiting up to
+    # 300 seconds for model version...") says nothing a user acts on. MLFLOW_LOGGING_LEVEL=INFO
+    # brings it back.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
 
