@@ -129,6 +129,12 @@ def test_what_the_reader_leaves_to_mlflow(registry: Registry, tmp_path: Path) ->
     for location in ("s3://bucket/model", "mlflow-artifacts:/1/models/m-1/artifacts"):
         with pytest.raises(registry_reader.Unsupported, match="the model's files are at"):
             registry_reader.local_folder(location)
+    server = registry_reader.RestRegistry("http://127.0.0.1:5000")
+    for location in ("s3://bucket/1/models/m-1/artifacts", "/srv/mlruns/1/models/m-1/artifacts",
+                     "mlflow-artifacts://elsewhere:5000/1/models/m-1/artifacts"):
+        with pytest.raises(registry_reader.Unsupported, match="the model's files are at"):
+            server._proxied_reader(location)  # read with the client's own access, by MLflow
+    server._proxied_reader("mlflow-artifacts://127.0.0.1:5000/1/models/m-1/artifacts")
 
 
 def _predict(registry: Registry, *args: str) -> tuple[int, str, str]:
