@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -206,7 +208,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", self.target + self.path)
             self.end_headers()
             return
-        type(self).seen.append(dict(self.headers))
+        type(self).seen.append({**self.headers, "path": self.path})
         self.send_response(200)
         self.end_headers()
         self.wfile.write(b"{}")
@@ -215,31 +217,108 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@dataclass
+class Servers:
+    redirecting: str  # redirects every request to `recording`
+    recording: str
+    seen: list[dict[str, str]]  # what `recording` received: headers and "path"
+
+
 @pytest.fixture
-def redirecting_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """A 'tracking server' that redirects to another host:port, which records requests."""
+def servers() -> Iterator[Servers]:
     recorder = type("Recorder", (_Recorder,), {"target": None, "seen": []})
-    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder)]
-    elsewhere = f"http://127.0.0.1:{servers[0].server_address[1]}"
-    redirector = type("Redirector", (_Recorder,), {"target": elsewhere})
-    servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), redirector))
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
-    for thread in threads:
-        thread.start()
-    yield f"http://127.0.0.1:{servers[1].server_address[1]}", recorder.seen
-    for server in servers:
+    running = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder)]
+    recording = f"http://127.0.0.1:{running[0].server_address[1]}"
+    redirector = type("Redirector", (_Recorder,), {"target": recording})
+    running.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), redirector))
+    for server in running:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Servers(f"http://127.0.0.1:{running[1].server_address[1]}", recording, recorder.seen)
+    for server in running:
         server.shutdown()
         server.server_close()
 
 
-def test_credentials_never_follow_a_redirect(redirecting_server, monkeypatch) -> None:
+def test_credentials_never_follow_a_redirect(servers: Servers, monkeypatch) -> None:
     from pipeline.support import store
 
-    server, seen = redirecting_server
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
     with pytest.raises(store.StoreUnavailable, match="answered HTTP 302 redirected to http"):
-        store.check_server(server)
+        store.check_server(servers.redirecting)
     with pytest.raises(registry_reader.RegistryError, match="HTTP 302"):
-        registry_reader.open_registry(server).aliases(MODEL_NAME)
-    assert seen == []  # the other host never saw the password
+        registry_reader.open_registry(servers.redirecting).aliases(MODEL_NAME)
+    assert servers.seen == []  # the other host never saw the password
+
+
+def test_artifact_paths_are_quoted_as_mlflow_quotes_them(servers: Servers) -> None:
+    read = registry_reader.RestRegistry(servers.recording)._proxied_reader(
+        "mlflow-artifacts:/my models/1/models/m-1/artifacts")
+    assert read("MLmodel", 100) == b"{}"
+    assert servers.seen[-1]["path"] == (
+        "/api/2.0/mlflow-artifacts/artifacts/my%20models/1/models/m-1/artifacts/MLmodel")
+
+
+@pytest.mark.parametrize("setting", [
+    {"MLFLOW_WORKSPACE": "team"}, {"MLFLOW_ENABLE_WORKSPACES": "true"},
+    {"MLFLOW_TRACKING_AUTH": "my_plugin"}, {"MLFLOW_REGISTRY_URI": "sqlite:///other.db"},
+])
+def test_settings_that_make_mlflow_read_another_registry_are_left_to_it(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch, setting: dict[str, str]) -> None:
+    """With them, MLflow's client would answer from another workspace, registry or with
+    another authentication: the reader must not answer in its place."""
+    for key, value in setting.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(registry_reader.Unsupported, match="is set|the registry is"):
+        registry_reader.open_registry(registry.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry.tracking_uri)  # the same store: fine
+    for key in setting:
+        if key != "MLFLOW_REGISTRY_URI":
+            monkeypatch.setenv(key, "false")
+    assert registry_reader.open_registry(registry.tracking_uri).aliases(MODEL_NAME)
+
+
+def test_latest_is_left_to_mlflow_which_takes_the_newest_version(registry: Registry) -> None:
+    np.save(registry.root / "x.npy", registry.X[:3])
+    code, out, err = _predict(registry, "x.npy", "--json", "--model",
+                              f"models:/{MODEL_NAME}@latest", "--params", str(registry.params))
+    assert code == 0, err
+    labels = [line.split('"label": ')[1].split(",")[0] for line in out.splitlines()[1:-2]]
+    assert labels == [str(v) for v in registry.estimators["3"].predict(registry.X[:3])]
+
+
+@pytest.fixture
+def https_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS 'tracking server' with a self-signed certificate (a private CA's, in effect)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate: apt-get install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    recorder = type("Recorder", (_Recorder,), {"target": None, "seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), recorder)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_tls_follows_mlflows_variables(https_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server with a private CA: refused by default, trusted with MLflow's own settings."""
+    from pipeline.support import store
+
+    url, cert = https_server
+    for key in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(store.StoreUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        store.check_server(url)
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(cert))
+    store.check_server(url)
+    assert registry_reader.open_registry(url).aliases(MODEL_NAME) == {}
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    store.check_server(url)

@@ -191,15 +191,15 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
 
     Unsupported: a URI only MLflow resolves (a logged model id, `latest`, a stage).
     """
-    reference = uri.removeprefix("models:/")
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        version = None
-    elif "/" in reference:
-        name, version = reference.split("/", 1)
-        alias = None
-    else:
-        raise registry_reader.Unsupported(f"{uri} is a logged model id")
+    parts = uri.removeprefix("models:/").split("/")  # read as MLflow's _parse_model_uri does
+    if len(parts) == 2 and parts[1].isdigit():
+        (name, version), alias = parts, None
+    elif len(parts) == 1 and "@" in parts[0]:
+        (name, alias), version = parts[0].rsplit("@", 1), None
+        if alias.lower() == "latest":  # not an alias: MLflow's name for the newest version
+            raise registry_reader.Unsupported(f"MLflow resolves {uri}")
+    else:  # a logged model id, `latest`, a stage, or a URI MLflow will judge
+        raise registry_reader.Unsupported(f"MLflow resolves {uri}")
     aliases = registry.aliases(name)
     if aliases is None:
         raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
@@ -212,8 +212,6 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
             known = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
             raise ModelError(f"{name!r} has no alias {alias!r} (aliases: {known or 'none'})")
         return registry.version(name, aliases[alias])
-    if not version.isdigit():
-        raise registry_reader.Unsupported(f"{uri} names no version number")
     versions = registry.versions(name)
     if int(version) not in versions:
         raise ModelError(f"{name!r} has no version {version} "

@@ -16,7 +16,9 @@ client's own credentials), or an ambiguous answer.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import os
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -69,9 +71,22 @@ class Registry(Protocol):
         """The version `version` of `name`, which exists."""
 
 
+# Settings with which MLflow's client reads another registry, or reads it another way: it is
+# left to MLflow whenever one is set (the reader would otherwise answer for the wrong registry).
+_CLIENT_SETTINGS = ("MLFLOW_WORKSPACE", "MLFLOW_ENABLE_WORKSPACES", "MLFLOW_TRACKING_AUTH")
+_REGISTRY_URI_ENV = "MLFLOW_REGISTRY_URI"
+MAX_PAGES = 100  # of 1,000 versions each, when listing a model's versions
+
+
 def open_registry(tracking_uri: str) -> Registry:
     """A reader for this store, or Unsupported when only MLflow's client should read it."""
     scheme = urllib.parse.urlsplit(tracking_uri).scheme
+    for name in _CLIENT_SETTINGS:
+        if os.environ.get(name, "").strip().lower() not in ("", "false", "0"):
+            raise Unsupported(f"{name} is set")
+    registry_uri = os.environ.get(_REGISTRY_URI_ENV, "").strip()
+    if registry_uri and registry_uri != tracking_uri:
+        raise Unsupported(f"the registry is {registry_uri}, not the tracking store")
     if scheme == "sqlite":
         path = store.local_store_path(tracking_uri)
         if path is None or not path.is_file():
@@ -152,14 +167,12 @@ class SqliteRegistry:
 
     def versions(self, name: str) -> list[int]:
         rows = self._rows("SELECT version FROM model_versions WHERE name = ? AND "
-                          "(current_stage IS NULL OR current_stage != ?) {workspace}",
-                          name, DELETED_STAGE)
+                          "current_stage != ? {workspace}", name, DELETED_STAGE)
         return sorted(int(row[0]) for row in rows)
 
     def version(self, name: str, version: str) -> VersionRecord:
         rows = self._rows("SELECT run_id, storage_location, source FROM model_versions "
-                          "WHERE name = ? AND version = ? AND "
-                          "(current_stage IS NULL OR current_stage != ?) {workspace}",
+                          "WHERE name = ? AND version = ? AND current_stage != ? {workspace}",
                           name, int(version), DELETED_STAGE)
         if len(rows) != 1:
             raise Unsupported(f"{len(rows)} rows for version {version} of {name!r}")
@@ -193,9 +206,8 @@ class RestRegistry:
                 status = answer.status
         except urllib.error.HTTPError as exc:
             body, status = exc.read(MAX_ANSWER_BYTES), exc.code
-        except (urllib.error.URLError, OSError) as exc:
-            raise RegistryError(f"cannot reach {self.server}: "
-                                f"{getattr(exc, 'reason', exc)}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise RegistryError(f"cannot read {url}: {getattr(exc, 'reason', exc)}") from None
         if len(body) > limit:
             raise RegistryError(f"{url}: more than the {limit} bytes allowed")
         return status, body
@@ -225,7 +237,7 @@ class RestRegistry:
 
     def versions(self, name: str) -> list[int]:
         found, token = [], None
-        while True:
+        for _ in range(MAX_PAGES):
             query = {"filter": f"name='{name}'", "max_results": "1000"}
             if token:
                 query["page_token"] = token
@@ -234,6 +246,7 @@ class RestRegistry:
             token = answer.get("next_page_token")
             if not token:
                 return sorted(found)
+        raise Unsupported(f"more than {MAX_PAGES} pages of versions of {name!r}")
 
     def version(self, name: str, version: str) -> VersionRecord:
         record = (self._json("model-versions/get", name=name, version=version) or {}).get(
@@ -248,7 +261,8 @@ class RestRegistry:
         own = urllib.parse.urlsplit(self.server).netloc
         if parts.scheme != "mlflow-artifacts" or parts.netloc not in ("", own):
             raise Unsupported(f"the model's files are at {location}")
-        prefix = "api/2.0/mlflow-artifacts/artifacts/" + parts.path.strip("/")
+        prefix = "api/2.0/mlflow-artifacts/artifacts/" + urllib.parse.quote(
+            parts.path.strip("/"), safe="/%!$&'()*+,;=:@~")  # as requests (MLflow) quotes it
 
         def read(name: str, limit: int) -> bytes:
             status, body = self._get(f"{prefix}/{urllib.parse.quote(name)}", limit)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import ssl
 import urllib.error
 import urllib.request
 import warnings
@@ -28,6 +29,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+AUTH_PLUGIN_ENV = "MLFLOW_TRACKING_AUTH"
 PREFLIGHT_TIMEOUT = 5.0  # seconds; with the answer's parsing, well under the promised 10 s
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -130,12 +132,30 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
                                      headers, fp)
 
 
-_opener = urllib.request.build_opener(_NoRedirects)
+INSECURE_TLS_ENV = "MLFLOW_TRACKING_INSECURE_TLS"
+SERVER_CERT_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+CLIENT_CERT_ENV = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
+
+
+def _tls_context() -> ssl.SSLContext:
+    """TLS as MLflow's client sets it up from the same variables (a private CA, a client
+    certificate, or no verification at all when the user asks for that)."""
+    if os.environ.get(INSECURE_TLS_ENV, "").strip().lower() in ("true", "1"):
+        context = ssl._create_unverified_context()  # noqa: S323 (the user's explicit choice)
+    else:
+        context = ssl.create_default_context(cafile=os.environ.get(SERVER_CERT_ENV) or None)
+    if os.environ.get(CLIENT_CERT_ENV):
+        context.load_cert_chain(os.environ[CLIENT_CERT_ENV])
+    return context
 
 
 def open_url(request: urllib.request.Request, timeout: float):
-    """urlopen for requests that carry credentials: redirects are not followed."""
-    return _opener.open(request, timeout=timeout)
+    """urlopen for requests that carry credentials: redirects are not followed, and TLS
+    follows MLflow's variables."""
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
+    if request.type == "https":
+        handlers.append(urllib.request.HTTPSHandler(context=_tls_context()))
+    return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
 
 
 def auth_headers() -> dict[str, str]:
@@ -164,6 +184,8 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
         with open_url(request, timeout):
             return
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403) and os.environ.get(AUTH_PLUGIN_ENV):
+            return  # an MLflow auth plugin signs the client's requests; this check cannot
         if exc.code == 401:
             who = f"the password of user {user!r} was refused" if user and password else (
                 f"{USERNAME_ENV} and {PASSWORD_ENV} are not both set")
