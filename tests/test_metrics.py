@@ -137,3 +137,17 @@ def test_top_confusions_are_largest_first_and_cut_at_k() -> None:
 def test_wrong_shape_is_rejected() -> None:
     with pytest.raises(ValueError, match="expected"):
         evaluate_predictions(np.array([0, 1]), np.ones((2, 2)) / 2, NAMES)
+
+
+def test_float32_probabilities_are_scored_without_warnings() -> None:
+    """A float32 model's rows sum to 1 within 1e-7; scikit-learn's log loss warned about that."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    proba = rng.dirichlet(np.ones(10), 200).astype(np.float32)
+    y = rng.integers(0, 10, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scored = evaluate_predictions(y, proba, [str(i) for i in range(10)])
+    exact = -np.mean(np.log(proba.astype(np.float64)[np.arange(200), y]))
+    assert scored.scalars["log_loss"] == pytest.approx(exact, rel=1e-6)

@@ -176,6 +176,18 @@ def test_a_sweep_whose_points_all_fail_exits_non_zero(repo: Repo) -> None:
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before
 
 
+def test_a_direct_run_checks_what_the_validate_stage_checks(repo: Repo) -> None:
+    """Cross-key checks too: a batch larger than the training set is refused, not trained."""
+    client = repo.client()
+    before = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
+    result = repo.run(sys.executable, "-m", "pipeline.train", "model.batch_size=100000000",
+                      check=False)
+    assert result.returncode == 1
+    assert "model.batch_size=100000000 is invalid: the training set has" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before
+
+
 def test_dvc_exp_run_with_set_param_and_group_override(repo: Repo) -> None:
     client = repo.client()
     repo.dvc("exp", "run", "-S", "model.learning_rate=0.05")

@@ -222,6 +222,7 @@ def test_unusable_model_file(setup: Setup, capsys, tmp_path: Path) -> None:
     code, _, err = run_main(capsys, png, "--model", tmp_path / "none.skops",
                             "--params", setup.params)
     assert code == predict.EXIT_MODEL == 3 and "none.skops not found" in err
+    assert "--model takes models:/<name>@<alias>" in err and "train" not in err
     (tmp_path / "model.txt").write_text("not a model")
     code, _, err = run_main(capsys, png, "--model", tmp_path / "model.txt",
                             "--params", setup.params)

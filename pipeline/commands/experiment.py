@@ -28,8 +28,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.stages import evaluate, register, train
-from pipeline.support import config, models, store, tracking
+from pipeline.stages import evaluate, register, train, validate
+from pipeline.support import config, store, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.run_summary import format_run_summary
 from pipeline.support.workspace import CONFIG_DIR
@@ -49,7 +49,7 @@ def main(raw: DictConfig) -> float | None:
     try:
         try:
             cfg = config.validate(OmegaConf.to_container(raw, resolve=True))
-            models.check_params(cfg.model)
+            validate.check(cfg)  # what the validate stage checks before `dvc repro` runs
         except config.ConfigError as exc:
             raise config.ConfigError(f"conf/ with your overrides: {exc}") from None
         store.connect(cfg.mlflow)

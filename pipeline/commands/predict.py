@@ -289,6 +289,10 @@ def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
     return load_resolved(resolved), resolved.description
 
 
+MODEL_FORMS = ("; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
+               "runs:/<run id>/model, an MLflow model folder or a .skops file")
+
+
 def load_resolved(resolved: ResolvedModel) -> Any:
     """The estimator of a resolved `--model`; ModelError names it and the way out."""
     uri, path = resolved.requested, Path(resolved.uri)
@@ -297,12 +301,15 @@ def load_resolved(resolved: ResolvedModel) -> Any:
             return models.load_model_files(resolved.files, resolved.uri)
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
             return models.load_model_uri(resolved.uri, resolved.tracking_uri)
+        if not path.exists():  # a path, or a URI mistyped: not a reason to retrain
+            raise ModelError(f"{path} not found{MODEL_FORMS}")
         return models.load(path)
     except models.ModelFileError as exc:
-        hint = ("" if resolved.tracking_uri is not None or path.suffix == ".skops" else
-                "; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
-                "runs:/<run id>/model, an MLflow model folder or a .skops file")
+        hint = "" if resolved.tracking_uri is not None or path.suffix == ".skops" else (
+            MODEL_FORMS)
         raise ModelError(resolved.explain(f"{exc}{hint}")) from None
+    except ModelError:
+        raise
     except registry_reader.RegistryError as exc:
         raise ModelError(resolved.explain(f"cannot read the model: {exc}")) from None
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways

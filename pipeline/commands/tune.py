@@ -85,6 +85,8 @@ def quiet_optuna() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # matplotlib, when every trial of a plot has the same value (a short or pruned study)
+    warnings.filterwarnings("ignore", message="Attempting to set identical low and high ylims")
 
 
 def open_storage(url: str) -> Any:

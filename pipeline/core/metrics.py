@@ -48,7 +48,11 @@ def evaluate_predictions(
         scalars[f"precision_{average}"] = float(precision)
         scalars[f"recall_{average}"] = float(recall)
         scalars[f"f1_{average}"] = float(f1)
-    scalars["log_loss"] = float(skm.log_loss(y_true, np.clip(proba, 1e-15, 1.0), labels=labels))
+    # float32 models give rows that sum to 1 within 1e-7, which scikit-learn warns about:
+    # clip (no log(0)), then renormalise, as scikit-learn itself did before version 1.5.
+    clipped = np.clip(proba, 1e-15, 1.0)
+    clipped /= clipped.sum(axis=1, keepdims=True)
+    scalars["log_loss"] = float(skm.log_loss(y_true, clipped, labels=labels))
 
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0

@@ -126,6 +126,14 @@ def check_params(model: Any) -> ModelSpec:
     return spec
 
 
+# scikit-learn prints a set of allowed strings in hash order, which changes between runs.
+_STRING_SET = re.compile(r"\{('[^']*'(?:, '[^']*')*)\}")
+
+
+def _sorted_set(match: re.Match) -> str:
+    return "{" + ", ".join(sorted(match.group(1).split(", "))) + "}"
+
+
 def _check_values(estimator: Any, params: dict[str, Any]) -> None:
     """Run each scikit-learn estimator's own parameter validation, before any data is read."""
     from sklearn.utils._param_validation import InvalidParameterError
@@ -138,6 +146,7 @@ def _check_values(estimator: Any, params: dict[str, Any]) -> None:
             if match is None:
                 raise ConfigError(f"model: {exc}") from None
             name, expected = match.groups()
+            expected = _STRING_SET.sub(_sorted_set, expected)
             raise ConfigError(f"model.{name}={params.get(name, getattr(step, name))!r} is "
                               f"invalid: expected {expected}") from None
 
