@@ -125,6 +125,13 @@ def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
         with pytest.raises(MlflowException) as refused:
             forbidden()
         assert refused.value.error_code == "PERMISSION_DENIED"
+    with pytest.raises(MlflowException) as refused:  # what a READ user's `make train` meets
+        reader.create_run(admin.get_experiment_by_name("fashion-mnist").experiment_id)
+    from pipeline.support import tracking
+
+    explained = tracking.explain(refused.value)
+    assert explained.startswith("the MLflow tracking server refused user 'reader' this change")
+    assert "make team-user NAME=reader PERMISSION=EDIT" in explained
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.env["MLFLOW_TRACKING_USERNAME"])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team.env["MLFLOW_TRACKING_PASSWORD"])
     assert admin.get_model_version_by_alias(name, "champion").version == "2"

@@ -57,6 +57,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 def explain(exc: BaseException) -> str:
     """The message of an expected error, with MLflow's own wording where there is one."""
     message = getattr(exc, "message", None)
+    if getattr(exc, "error_code", None) == "PERMISSION_DENIED" or (
+            isinstance(message, str) and "error code 403 " in message):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        return (f"the MLflow tracking server refused user {user!r} this change (HTTP 403: "
+                f"{message}); writing runs and moving the champion need EDIT permission: ask "
+                f"its admin (`make team-user NAME={user or '<you>'} PERMISSION=EDIT`)")
     return f"{type(exc).__name__}: {message}" if isinstance(message, str) else str(exc)
 
 
