@@ -20,6 +20,11 @@ from tests.synthetic import REPO_ROOT, data_params, write_archives
 
 MODEL_NAME = "fashion-mnist-softmax"
 BIN = Path(sys.executable).parent
+# `make` in a copy, with this checkout's virtualenv. --assume-old keeps make from re-running
+# `uv sync` there (the copy's uv.lock is newer than the venv's stamp): that would point the
+# venv's editable install of `pipeline` at the copy, a folder deleted after the tests.
+MAKE = ("make", "--no-print-directory", f"VENV={BIN.parent}",
+        f"--assume-old={BIN.parent / '.installed'}")
 
 
 def copy_repository(destination: Path) -> None:

@@ -106,6 +106,7 @@ def test_adds_images_under_canonical_folders_and_commits_data_dvc(
     assert code == 0
     assert _files(extra) == first and _tracked(repo) == tracked
     assert out.count("same image as") == 4 and "added 0 images, skipped 4" in out
+    assert "nothing new; data.dvc unchanged" in out and "git commit" not in out
 
 
 def _copy_all(source: Path, extra: Path) -> add_data.Plan:
@@ -209,7 +210,7 @@ def test_no_images_or_a_wrong_folder_is_refused(
     code, _, err = _add(repo, source, capsys)
 
     assert code == 1
-    assert {"empty": "no PNG images", "missing": "not a folder",
+    assert {"empty": "no PNG images", "missing": "no such folder",
             "inside-extra": "inside the extra folder"}[layout] in err
 
 

@@ -383,7 +383,10 @@ def test_install_systemd_with_another_schedule(
     dest = tmp_path / "units"
     assert _schedule(capsys, "install-systemd", "--repo", str(repo), "--dest", str(dest),
                      *args)[0] == 0
-    assert _units(dest / "fashion-mnist-retrain.timer")["Timer"]["OnCalendar"] == calendar
+    timer = _units(dest / "fashion-mnist-retrain.timer")
+    assert timer["Timer"]["OnCalendar"] == calendar
+    assert timer["Unit"]["Description"] == f"Fashion-MNIST retraining, OnCalendar={calendar}"
+    assert "Weekly" not in (dest / "fashion-mnist-retrain.timer").read_text()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from pipeline.commands.team import _stop_group
-from tests.repo_copy import BIN, Repo, make_repo
+from tests.repo_copy import BIN, MAKE, Repo, make_repo
+from tests.synthetic import REPO_ROOT
 from tests.team_stack import Team
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ MODEL = "fashion-mnist-softmax"
 
 
 def make(repo: Repo, *targets: str, check: bool = True) -> subprocess.CompletedProcess:
-    return repo.run("make", "--no-print-directory", f"VENV={VENV}", *targets, check=check)
+    return repo.run(*MAKE, *targets, check=check)
 
 
 def runs(team: Team) -> list:
@@ -70,6 +71,11 @@ def clones(team: Team, tmp_path_factory: pytest.TempPathFactory,
 def test_a_second_clone_pulls_and_has_nothing_to_redo(
         team: Team, clones: tuple[Repo, Repo]) -> None:
     a, b = clones
+    # `make` ran in the clones with this checkout's venv: its `pipeline` is still this checkout's
+    imported = subprocess.run(
+        [str(BIN / "python"), "-c", "import pipeline; print(pipeline.__file__)"], cwd="/",
+        capture_output=True, text=True, check=True)
+    assert Path(imported.stdout.strip()).is_relative_to(REPO_ROOT), imported.stdout
     before = {run.info.run_id for run in runs(team)}  # other team tests may have added runs
     assert a.json("models/run.json")["run_id"] in before
     assert all(run.info.status == "FINISHED" for run in runs(team))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.repo_copy import BIN, Repo, make_repo
+from tests.repo_copy import BIN, MAKE, Repo, make_repo
 from tests.synthetic import REPO_ROOT
 from tests.team_stack import Team
 
@@ -169,14 +169,14 @@ def offline_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 
 DOWN_COMMANDS = {
-    "make train": ["make", f"VENV={VENV}", "train"],
+    "make train": [*MAKE, "train"],
     "dvc repro": [str(BIN / "dvc"), "repro"],
     "python -m pipeline.train": [sys.executable, "-m", "pipeline.train"],
     "python -m pipeline.train -m": [sys.executable, "-m", "pipeline.train", "-m",
                                     "model.learning_rate=0.1,0.2"],
-    "make retrain": ["make", f"VENV={VENV}", "retrain"],
+    "make retrain": [*MAKE, "retrain"],
     "python -m pipeline.predict": [sys.executable, "-m", "pipeline.predict", "x.npy"],
-    "make serve": ["make", f"VENV={VENV}", "serve"],
+    "make serve": [*MAKE, "serve"],
 }
 
 

@@ -108,6 +108,8 @@ def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
 
 def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> Plan:
     """Where each image of `source_dir` goes; AddDataError listing every problem if any."""
+    if not source_dir.exists():
+        raise AddDataError(f"{source_dir}: no such folder")
     if not source_dir.is_dir():
         raise AddDataError(f"{source_dir}: not a folder")
     problems = validate_extra(source_dir, class_names)
@@ -283,6 +285,7 @@ def add(source_dir: Path, params: Path) -> int:
           + (f" ({summary})" if added else "")
           + f", skipped {len(plan.skipped)} already present")
 
+    before = dvc_file.read_bytes() if dvc_file.is_file() else None
     dvc = venv_tool("dvc")
     command = [dvc, "commit", "-f", dvc_file.name]
     by_hand = f"cd {shlex.quote(str(root))} && dvc commit -f {dvc_file.name}"
@@ -299,6 +302,9 @@ def add(source_dir: Path, params: Path) -> int:
             f"The images are in place in {extra_dir}; once the cause is fixed, finish with:\n"
             f"  {by_hand}"
         )
+    if not added and dvc_file.is_file() and dvc_file.read_bytes() == before:
+        print(f"add_data: nothing new; {dvc_file.name} unchanged")
+        return 0
     try:
         remotes = dvc_remotes(root)
     except CommandError:

@@ -251,9 +251,15 @@ def render_service(template: str, repo: Path, make: str) -> str:
 
 
 def render_timer(template: str, calendar: str | None) -> str:
+    """The timer, with another schedule if one is given: OnCalendar, and the Description and a
+    first comment that say so (the template's comments describe its weekly default)."""
     if calendar is None:
         return template
-    return re.sub(r"(?m)^OnCalendar=.*$", lambda _: f"OnCalendar={calendar}", template)
+    timer = re.sub(r"(?m)^OnCalendar=.*$", lambda _: f"OnCalendar={calendar}", template)
+    timer = re.sub(r"(?m)^Description=.*$",
+                   lambda _: f"Description=Fashion-MNIST retraining, OnCalendar={calendar}", timer)
+    return (f"# Installed with OnCalendar={calendar}; the comments below describe the "
+            "template's default.\n" + timer)
 
 
 def _rendered_header(repo: Path) -> str:
