@@ -116,7 +116,7 @@ def write_crontab(text: str, schedule: str | None = None) -> None:
         what = f"the schedule {schedule!r}" if schedule else "the new crontab"
         raise ScheduleError(
             f"`crontab -` refused {what} (exit code {result.returncode}): "
-            f"{' '.join(result.stderr.split())}. Nothing was changed; use "
+            f"{' '.join(result.stderr.split()).rstrip('.')}. Nothing was changed; use "
             f"{', '.join(PRESETS)} or a 5-field cron expression such as "
             f"{PRESETS['weekly'][0]!r} (minute hour day-of-month month day-of-week)")
 
