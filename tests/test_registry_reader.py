@@ -95,6 +95,9 @@ def test_the_sqlite_reader_gives_the_clients_answers(registry: Registry,
         mine, theirs = direct.version(MODEL_NAME, version), client_registry.version(
             MODEL_NAME, version)
         assert (mine.version, mine.run_id) == (theirs.version, theirs.run_id)
+    for missing in ("1", "9"):  # deleted, never made
+        assert direct.version(MODEL_NAME, missing) is None
+        assert client_registry.version(MODEL_NAME, missing) is None
 
 
 def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, client_registry,

@@ -149,6 +149,7 @@ def _the_rest_reader_agrees_with_mlflow(team: Team, client, name: str, tmp_path:
     assert rest.aliases(name) == {"champion": "2"}
     assert rest.aliases("no-such-model") is None
     assert rest.versions(name) == [1, 2]
+    assert rest.version(name, "9") is None
     record = rest.version(name, "2")
     assert record.run_id == client.get_model_version(name, "2").run_id
     downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/2",

@@ -211,12 +211,16 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
                                  "run `make train`")
             known = ", ".join(f"{a} -> version {v}" for a, v in sorted(aliases.items()))
             raise ModelError(f"{name!r} has no alias {alias!r} (aliases: {known or 'none'})")
-        return registry.version(name, aliases[alias])
-    versions = registry.versions(name)
-    if int(version) not in versions:
+        found = registry.version(name, aliases[alias])
+        if found is None:  # an alias on a missing version: MLflow says what it makes of it
+            raise registry_reader.Unsupported(f"{uri} points to no version")
+        return found
+    found = registry.version(name, version)
+    if found is None:  # the versions are listed only to say which exist
+        versions = registry.versions(name)
         raise ModelError(f"{name!r} has no version {version} "
                          f"(versions: {', '.join(map(str, versions)) or 'none'})")
-    return registry.version(name, version)
+    return found
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,8 @@ class Registry(Protocol):
     def versions(self, name: str) -> list[int]:
         """The version numbers of `name` that exist (deleted ones excluded), ascending."""
 
-    def version(self, name: str, version: str) -> VersionRecord:
-        """The version `version` of `name`, which exists."""
+    def version(self, name: str, version: str) -> VersionRecord | None:
+        """The version `version` of `name`; None if it does not exist (or was deleted)."""
 
 
 # Settings with which MLflow's client reads another registry, or reads it another way: it is
@@ -139,15 +139,18 @@ class SqliteRegistry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._workspaces: bool | None = None  # whether the schema has them (MLflow 3.5+)
 
     def _rows(self, query: str, *args: object) -> list[tuple]:
         """`query`'s rows; `{workspace}` in it becomes MLflow's default-workspace filter when
-        the schema has workspaces (MLflow 3.5 and later), nothing otherwise."""
+        the schema has workspaces, nothing otherwise."""
         try:
             with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                                     timeout=REQUEST_TIMEOUT)) as db:
-                if any(row[1] == "workspace" for row in
-                       db.execute("PRAGMA table_info(registered_models)")):
+                if self._workspaces is None:
+                    self._workspaces = any(row[1] == "workspace" for row in
+                                           db.execute("PRAGMA table_info(registered_models)"))
+                if self._workspaces:
                     query, args = query.format(workspace="AND workspace = ?"), (
                         *args, DEFAULT_WORKSPACE)
                 else:
@@ -170,11 +173,13 @@ class SqliteRegistry:
                           "current_stage != ? {workspace}", name, DELETED_STAGE)
         return sorted(int(row[0]) for row in rows)
 
-    def version(self, name: str, version: str) -> VersionRecord:
+    def version(self, name: str, version: str) -> VersionRecord | None:
         rows = self._rows("SELECT run_id, storage_location, source FROM model_versions "
                           "WHERE name = ? AND version = ? AND current_stage != ? {workspace}",
                           name, int(version), DELETED_STAGE)
-        if len(rows) != 1:
+        if not rows:
+            return None
+        if len(rows) > 1:
             raise Unsupported(f"{len(rows)} rows for version {version} of {name!r}")
         run_id, storage_location, source = rows[0]
         folder = local_folder(storage_location or source or "")
@@ -248,9 +253,11 @@ class RestRegistry:
                 return sorted(found)
         raise Unsupported(f"more than {MAX_PAGES} pages of versions of {name!r}")
 
-    def version(self, name: str, version: str) -> VersionRecord:
-        record = (self._json("model-versions/get", name=name, version=version) or {}).get(
-            "model_version", {})
+    def version(self, name: str, version: str) -> VersionRecord | None:
+        answer = self._json("model-versions/get", missing_ok=True, name=name, version=version)
+        if answer is None:
+            return None
+        record = answer.get("model_version", {})
         location = (self._json("model-versions/get-download-uri", name=name,
                                version=version) or {}).get("artifact_uri", "")
         return VersionRecord(name, str(version), record.get("run_id"),
@@ -302,6 +309,13 @@ class ClientRegistry:
     def versions(self, name: str) -> list[int]:
         return sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
 
-    def version(self, name: str, version: str) -> VersionRecord:
-        found = self.client.get_model_version(name, version)
+    def version(self, name: str, version: str) -> VersionRecord | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(name, version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
         return VersionRecord(found.name, str(found.version), found.run_id, None)
