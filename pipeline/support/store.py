@@ -11,6 +11,7 @@ A local sqlite store is checked (`PRAGMA quick_check`) before MLflow opens it, s
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -137,15 +138,17 @@ SERVER_CERT_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"
 CLIENT_CERT_ENV = "MLFLOW_TRACKING_CLIENT_CERT_PATH"
 
 
-def _tls_context() -> ssl.SSLContext:
+@functools.lru_cache(maxsize=4)
+def _tls_context(insecure: str, server_cert: str, client_cert: str) -> ssl.SSLContext:
     """TLS as MLflow's client sets it up from the same variables (a private CA, a client
-    certificate, or no verification at all when the user asks for that)."""
-    if os.environ.get(INSECURE_TLS_ENV, "").strip().lower() in ("true", "1"):
+    certificate, or no verification at all when the user asks for that); made once per
+    process and settings, as loading the CA bundle is the slow part."""
+    if insecure.strip().lower() in ("true", "1"):
         context = ssl._create_unverified_context()  # noqa: S323 (the user's explicit choice)
     else:
-        context = ssl.create_default_context(cafile=os.environ.get(SERVER_CERT_ENV) or None)
-    if os.environ.get(CLIENT_CERT_ENV):
-        context.load_cert_chain(os.environ[CLIENT_CERT_ENV])
+        context = ssl.create_default_context(cafile=server_cert or None)
+    if client_cert:
+        context.load_cert_chain(client_cert)
     return context
 
 
@@ -154,7 +157,9 @@ def open_url(request: urllib.request.Request, timeout: float):
     follows MLflow's variables."""
     handlers: list[urllib.request.BaseHandler] = [_NoRedirects()]
     if request.type == "https":
-        handlers.append(urllib.request.HTTPSHandler(context=_tls_context()))
+        context = _tls_context(*(os.environ.get(key, "") for key in (
+            INSECURE_TLS_ENV, SERVER_CERT_ENV, CLIENT_CERT_ENV)))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
     return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
 
 
