@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,16 +56,29 @@ class Repo:
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
 
-    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(command, cwd=self.root, env=self.env, capture_output=True,
-                                text=True, timeout=600)
+    def run(self, *command: str, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        """`command` in the copy; past `timeout` it fails the test, its whole process group
+        stopped (a server it started included)."""
+        process = subprocess.Popen(command, cwd=self.root, env=self.env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(command)} did not finish within {timeout:g} s\n"
+                        f"stdout:\n{stdout[-4000:]}\nstderr:\n{stderr[-4000:]}")
+        result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
         if check and result.returncode != 0:
             pytest.fail(f"{' '.join(command)} exited {result.returncode}\n"
                         f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
         return result
 
-    def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.run(str(BIN / "dvc"), *args, check=check)
+    def dvc(self, *args: str, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        return self.run(str(BIN / "dvc"), *args, check=check, timeout=timeout)
 
     def params(self) -> dict:
         return yaml.safe_load((self.root / "params.yaml").read_text())

@@ -75,19 +75,39 @@ def test_every_stage_module_is_a_dvc_stage() -> None:
     assert commands == {f"pipeline.stages.{path.stem}" for path in STAGE_MODULES}
 
 
+def absolute_imports(path: Path, package: str) -> set[str]:
+    """Every module `path` imports, `from .x` and `from ..x` resolved from `package`."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "pipeline" / "core").glob("*.py")),
                          ids=lambda path: path.stem)
 def test_the_core_imports_no_framework(path: Path) -> None:
-    imported: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert not imported & {"mlflow", "dvc", "hydra", "omegaconf", "matplotlib"}
-    assert not {name for name in imported if name == "pipeline"} or all(
-        node.module.startswith("pipeline.core") for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"))
+    imported = absolute_imports(path, "pipeline.core")
+    assert not {name.split(".")[0] for name in imported} & {
+        "mlflow", "dvc", "hydra", "omegaconf", "matplotlib"}
+    outside = {name for name in imported if name.split(".")[0] == "pipeline"
+               and not name.startswith("pipeline.core")}
+    assert not outside, f"the core imports {sorted(outside)}"
+
+
+def test_the_core_check_sees_every_form_of_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("import pipeline.support.store\nfrom ..support import store\n"
+                      "from . import idx\nfrom pipeline.core.files import open_regular\n")
+    assert absolute_imports(module, "pipeline.core") >= {
+        "pipeline.support.store", "pipeline.support", "pipeline.core.idx",
+        "pipeline.core.files"}
 
 
 def outs(stage: str) -> set[str]:

@@ -93,21 +93,23 @@ def _start(command: list[str], repo: Repo, log_path: Path) -> tuple[subprocess.P
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            _stop(process)
-            pytest.fail(f"{command[:3]} exited {process.returncode}:\n"
-                        f"{log_path.read_text()[-3000:]}")
-        try:
-            if _request(f"{url}/ping")[0] == 200:
-                return process, url
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if time.monotonic() > deadline:
-            _stop(process)
-            pytest.fail(f"no answer on {url}/ping after {STARTUP_TIMEOUT:.0f} s:\n"
-                        f"{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{command[:3]} exited {process.returncode}:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            try:
+                if _request(f"{url}/ping")[0] == 200:
+                    return process, url
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer on {url}/ping after {STARTUP_TIMEOUT:.0f} s:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    except BaseException:  # pytest.fail, a read timeout, Ctrl-C: the server goes too
+        _stop(process)
+        raise
 
 
 @pytest.fixture(scope="module")

@@ -116,10 +116,8 @@ def test_a_stack_restarted_between_stages_resumes_and_keeps_everything(
     versions_before = {v.version for v in MlflowClient().search_model_versions(f"name='{MODEL}'")}
 
     team.command("down")
-    started = time.monotonic()
-    failed = a.dvc("repro", check=False)
+    failed = a.dvc("repro", check=False, timeout=60)  # not MLflow's minutes of retries
     assert failed.returncode != 0
-    assert time.monotonic() - started < 10
     assert f"cannot reach the MLflow tracking server {team.env['MLFLOW_TRACKING_URI']}" in \
         failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr
@@ -157,10 +155,13 @@ def test_postgres_restarted_between_stages_costs_nothing(
     subprocess.run(_as_postgres([str(postgres_bin() / "pg_ctl"), "restart", "-D", str(data),
                                  "-l", str(log), "-m", "fast", "-w"]),
                    check=True, capture_output=True, timeout=120)
+    run_id = a.json("models/run.json")["run_id"]
     result = a.dvc("repro", check=False)
     if result.returncode != 0:  # a clear failure, and the rerun finishes the job
         assert "Traceback" not in result.stderr, result.stderr
         a.dvc("repro")
+    assert a.json("models/run.json")["run_id"] == run_id  # the same run, finished
+    assert [run.info.status for run in runs(team) if run.info.run_id == run_id] == ["FINISHED"]
     assert not [run.info.run_id for run in runs(team) if run.info.status == "RUNNING"]
 
 

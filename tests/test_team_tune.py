@@ -8,6 +8,8 @@ machines would. The study's role reaches the study database only.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -78,8 +80,15 @@ def test_two_clones_tuning_at_once_share_one_study(team: Team, clones: tuple[Rep
     # The same --seed on both machines: each invocation mixes it with its own parent run id, so
     # the two still draw different points (asserted below).
     processes = [subprocess.Popen(command, cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for repo in clones]
-    outputs = [process.communicate(timeout=600) for process in processes]
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for repo in clones]
+    try:
+        outputs = [process.communicate(timeout=600) for process in processes]
+    finally:  # on a timeout or a failure, no tuner or worker outlives the test
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     for process, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
     url = team.env["OPTUNA_STORAGE"]
