@@ -7,6 +7,7 @@ checked by `benchmarks/bench_softmax.py`, never by a timed test.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,3 +447,18 @@ def test_pixel_features_give_the_estimators_features():
 )
 def test_scikit_learn_compatibility(estimator, check):
     check(estimator)
+
+
+def test_a_model_file_written_before_features_and_hinges_still_loads_and_predicts() -> None:
+    """tests/data/softmax-before-features.skops was saved by the code of commit a4579b9
+    (statistics inline, no `hinges`): SoftmaxRegression(epochs=2, random_state=0) fitted on
+    default_rng(0).integers(0, 256, (40, 784)) with labels arange(40) % 10; the .npy holds the
+    probabilities that code gave for the first four images."""
+    from pipeline.support import models
+
+    data = Path(__file__).parent / "data"
+    model = models.load(data / "softmax-before-features.skops")
+    X = np.random.default_rng(0).integers(0, 256, (40, 784), dtype=np.uint8)[:4]
+    assert np.allclose(model.predict_proba(X), np.load(data / "softmax-before-features-proba.npy"),
+                       atol=1e-6)
+    assert model.get_params()["hinges"] == 0 and "hinges=0" in repr(model)

@@ -290,11 +290,13 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                              scaling=self.scaling, hinges=self.hinges)
 
     def __setstate__(self, state: dict) -> None:
-        """Model files written before `features_` existed kept the statistics inline."""
+        """Model files written before `hinges` had none; before `features_`, they kept the
+        statistics inline."""
+        state.setdefault("hinges", 0)
         if "coef_" in state and "features_" not in state and "feature_mean_" in state:
             features = PixelFeatures(pixel_transform=state.get("pixel_transform", "power"),
                                      power=state.get("power", 0.3),
-                                     scaling=state.get("scaling", "standard"))
+                                     scaling=state.get("scaling", "standard"), hinges=0)
             features.mean_, features.scale_ = state.pop("feature_mean_"), state.pop(
                 "feature_scale_")
             features.n_features_in_ = state.get("n_features_in_")
