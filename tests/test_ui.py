@@ -64,3 +64,24 @@ def test_ui_prints_the_runs_page_and_the_champion_then_serves_them(repo: Repo) -
         assert re.search(rf"{base}/#/models/{MODEL_NAME}/versions/{champion}\b", remote.stdout)
     finally:
         _stop(process)
+
+
+@pytest.mark.parametrize("command", ["ui", "serve"])
+@pytest.mark.parametrize("store", ["http://127.0.0.1:9", "damaged"])
+def test_a_store_that_is_down_or_damaged_is_one_line(
+        command: str, store: str, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Before, `make ui` printed a traceback for both and `make serve` for a damaged file."""
+    import importlib
+
+    from tests.synthetic import REPO_ROOT
+
+    if store == "damaged":
+        (tmp_path / "mlflow.db").write_bytes(b"not a database")
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    main = importlib.import_module(f"pipeline.commands.{command}").main
+    code = main(["--params", str(REPO_ROOT / "params.yaml"), "--port", "1"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith(f"{command}: error: ") and len(err.splitlines()) == 1, err
+    assert ("cannot reach the MLflow tracking server" in err) or ("is damaged" in err)

@@ -212,19 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve: error: {exc}", file=sys.stderr)
         return 1
     requested = args.model or store.model_uri(cfg.mlflow)
-    store.quiet_mlflow()
-    try:
-        uri = store.connect(cfg.mlflow, experiment=False)  # checks a server first
-    except store.StoreUnavailable as exc:
-        print(f"serve: error: {exc}", file=sys.stderr)
-        return 1
-    try:
+    try:  # checks the store first (a server answers, a sqlite file is sound), as predict does
         resolved = predict.resolve_model(requested, cfg.mlflow)  # an alias pinned to its version
     except predict.ModelError as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return predict.EXIT_MODEL
     try:
+        uri = store.connect(cfg.mlflow, experiment=False)  # MLflow's client, for the scoring app
         model = load_served_model(resolved.uri, resolved.tracking_uri)
+    except (store.StoreUnavailable, store.StoreError) as exc:
+        print(f"serve: error: {exc}", file=sys.stderr)
+        return predict.EXIT_MODEL
     except ServeError as exc:
         print(f"serve: error: {resolved.explain(str(exc))}", file=sys.stderr)
         return predict.EXIT_MODEL

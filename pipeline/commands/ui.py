@@ -54,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"ui: error: {exc}", file=sys.stderr)
         return 1
-    uri = store.connect(cfg.mlflow, experiment=False)
+    try:
+        uri = store.connect(cfg.mlflow, experiment=False)
+    except (store.StoreUnavailable, store.StoreError) as exc:
+        print(f"ui: error: {exc}", file=sys.stderr)
+        return 1
     local = store.is_local(uri)
     base = f"http://{args.host}:{args.port}" if local else uri.rstrip("/")
     for line in links(base, cfg):
