@@ -146,3 +146,20 @@ def test_bounded_reads_read_a_regular_file_and_its_symlink(tmp_path: Path) -> No
     with pytest.raises(FileRefusedError, match="4 bytes, more than the 3 bytes"):
         (tmp_path / "a").write_bytes(b"abcd")
         read_bounded(tmp_path / "a", 3)
+
+
+def test_a_private_file_is_private_from_the_start_and_leaves_nothing_on_failure(
+        tmp_path: Path) -> None:
+    import stat
+
+    from pipeline.core.files import atomic_write, atomic_write_text
+
+    target = tmp_path / "team.env"
+    atomic_write_text(target, "PASSWORD=x\n", mode=0o600)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    with pytest.raises(RuntimeError), atomic_write(target, mode=0o600) as f:
+        f.write(b"PASSWORD=y\n")
+        (written,) = [p for p in tmp_path.iterdir() if p != target]
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600  # never readable by others
+        raise RuntimeError("the disk filled up")
+    assert sorted(tmp_path.iterdir()) == [target] and target.read_text() == "PASSWORD=x\n"

@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.files import atomic_write_text
 from pipeline.support import config, store
 from pipeline.support.workspace import CommandError, child_env, project_root, venv_tool
 
@@ -160,14 +161,9 @@ def _save_settings(stack: Stack) -> None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read (mode 600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+    """Write a file only its owner can read (mode 600), atomically; a failed write leaves no
+    temporary copy of its secrets behind."""
+    atomic_write_text(path, text, mode=0o600)
 
 
 def env_file_text(values: dict[str, str]) -> str:

@@ -123,10 +123,11 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_write(path: str | Path, mode: int = 0o666) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces `path` only when the block finishes without error.
 
-    Missing parent directories are created.
+    Missing parent directories are created; `mode` (minus the umask) is set from the start,
+    so a private file (0o600) is never readable by others, not even while it is written.
     On any exception (including KeyboardInterrupt) the temporary file is removed and `path`
     keeps its previous content, or stays absent.
     """
@@ -135,8 +136,8 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     while True:
         tmp = temp_path_for(path)
         try:
-            # 0o666 minus the umask: the same permissions as a file made with open().
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            # 0o666 minus the umask by default: the same permissions as open() gives.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             break
         except FileExistsError:
             continue
@@ -162,13 +163,13 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     _fsync_directory(path.parent)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_write(path) as f:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None:
+    with atomic_write(path, mode) as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, mode: int = 0o666) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def _write_npz_to(f: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
