@@ -40,7 +40,6 @@ STORAGE_FILE = "optuna.db"
 DEFAULT_SEARCH = "softmax"
 # A worker that stops sending heartbeats for GRACE seconds is dead: its trial becomes FAIL.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 2, 10
-EPOCH_PREFIX = "epoch/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +53,7 @@ class Plan:
     parent_run_id: str
     seed: int
     deadline: float | None
+    trials_before: int  # the study's size when this invocation began (for worker_seed)
 
 
 def storage_url() -> str:
@@ -180,13 +180,13 @@ class _Trainer:
         trial.set_user_attr("parent_run_id", plan.parent_run_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         status = "FAILED"
+        curves: list[Any] = []
         try:
             mlflow.log_params(tracking.run_params(plan.cfg, spec.all_params, spec.target))
 
             def on_epoch(record: dict[str, Any]) -> None:
                 epoch = record["epoch"]
-                mlflow.log_metrics({f"{EPOCH_PREFIX}{key}": value for key, value in record.items()
-                                    if key != "epoch" and value is not None}, step=epoch)
+                curves.extend(tracking.epoch_metrics(record))  # logged after the fit
                 trial.report(record[plan.space.epoch_key], epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(
@@ -219,6 +219,8 @@ class _Trainer:
             mlflow.set_tags({"optuna_state": "FAIL", "failure_reason": reason})
             raise
         finally:
+            if curves:  # a pruned or failed trial keeps the curves of its epochs too
+                mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
             mlflow.end_run(status)
 
 
@@ -239,7 +241,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
     store.connect(plan.cfg.mlflow)
     trainer = _Trainer(plan)
     shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
-    study = load_study(plan, worker_seed(plan.seed, worker, len(_all_trials(plan)), shared))
+    study = load_study(plan, worker_seed(plan.seed, worker, plan.trials_before, shared))
     while plan.deadline is None or time.time() < plan.deadline:
         with tickets.get_lock():
             if tickets.value <= 0:
@@ -258,12 +260,6 @@ def _report(worker: int, trial: Any, space: search.SearchSpace) -> None:
     reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("pruned_reason")
     print(f"tune: worker {worker}: trial {trial.number} {trial.state.name}{value}"
           + (f" ({reason})" if reason else ""), file=sys.stderr, flush=True)
-
-
-def _all_trials(plan: Plan) -> list[Any]:
-    import optuna
-
-    return optuna.load_study(study_name=plan.study, storage=plan.storage).get_trials(deepcopy=False)
 
 
 # ---------------------------------------------------------------------------- the invocation
@@ -377,7 +373,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
                        "seed": seed}.items():
         client.log_param(parent_id, key, value)
     deadline = None if timeout is None else time.time() + timeout
-    plan = Plan(cfg, space, study_name, url, parent_id, seed, deadline)
+    plan = Plan(cfg, space, study_name, url, parent_id, seed, deadline, before)
     print(f"tune: study {study_name!r} in {_redacted(url)} ({before} trials so far); "
           f"{n_trials} trials on {n_workers} workers; MLflow parent run {parent_id}",
           file=sys.stderr, flush=True)

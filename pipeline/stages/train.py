@@ -41,7 +41,6 @@ def train(cfg: config.Config, out: Outputs, source: str,
     """Fit, record everything in a new MLflow run, write the outputs; returns the run file."""
     import mlflow
     import pandas as pd
-    from mlflow.entities import Metric
     from tqdm import tqdm
 
     from pipeline.core.estimator import HISTORY_KEYS
@@ -74,15 +73,10 @@ def train(cfg: config.Config, out: Outputs, source: str,
         bar = tqdm(total=spec.all_params.get("epochs"), desc="train", unit="epoch",
                    file=sys.stderr)
 
-        curves: list[Metric] = []
+        curves: list[Any] = []  # logged in one request after the fit
 
         def on_epoch(record: dict[str, Any]) -> None:
-            # "epoch/..." keys: the MLflow UI groups them as one section of learning curves.
-            # Kept, then logged in one request after the fit: a store round trip per epoch
-            # would be timed as training (a quarter of a 3 s fit on the sqlite store).
-            now = int(time.time() * 1000)
-            curves.extend(Metric(f"epoch/{key}", float(value), now, record["epoch"])
-                          for key, value in record.items() if key != "epoch" and value is not None)
+            curves.extend(tracking.epoch_metrics(record))
             bar.set_postfix({"loss": f"{record['train_loss']:.4f}",
                              "val_acc": f"{record['val_accuracy']:.4f}"})
             bar.update(1)
