@@ -202,8 +202,7 @@ class _Trainer:
                                               list(plan.cfg.data.class_names))
             metrics = {f"val_{key}": value for key, value in evaluation.scalars.items()}
             mlflow.log_metrics({**metrics, "train_seconds": fit_seconds})
-            mlflow.log_text(_confusion_csv(evaluation.confusion, plan.cfg.data.class_names),
-                            "evaluation/confusion_val.csv")
+            mlflow.log_text(evaluation.confusion_table.to_csv(), "evaluation/confusion_val.csv")
             trial.set_user_attr("train_seconds", fit_seconds)
             mlflow.set_tag("optuna_state", "COMPLETE")
             status = "FINISHED"
@@ -222,14 +221,6 @@ class _Trainer:
             if curves:  # a pruned or failed trial keeps the curves of its epochs too
                 mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
             mlflow.end_run(status)
-
-
-def _confusion_csv(matrix: Any, class_names: Sequence[str]) -> str:
-    import pandas as pd
-
-    frame = pd.DataFrame(matrix, index=list(class_names), columns=list(class_names))
-    frame.index.name = "actual \\ predicted"
-    return frame.to_csv()
 
 
 def work(plan: Plan, worker: int, tickets: Any) -> None:

@@ -19,6 +19,14 @@ class Evaluation:
     top_confusions: pd.DataFrame
 
     @property
+    def confusion_table(self) -> pd.DataFrame:
+        """The confusion matrix named by class: rows actual, columns predicted."""
+        names = self.per_class["class"].tolist()
+        table = pd.DataFrame(self.confusion, index=names, columns=names)
+        table.index.name = "actual \\ predicted"
+        return table
+
+    @property
     def confusion_normalized(self) -> np.ndarray:
         """Row-normalised: (i, j) is the share of class i predicted as j; recall on the diagonal."""
         totals = self.confusion.sum(axis=1, keepdims=True)

@@ -51,10 +51,8 @@ def record_split(
     _write_csv(pd.DataFrame({"actual": names[y], "predicted": names[y_pred]}),
                out.predictions(split))
     out.evaluation.mkdir(parents=True, exist_ok=True)
-    confusion = pd.DataFrame(evaluation.confusion, index=class_names, columns=class_names)
-    confusion.index.name = "actual \\ predicted"
     tables = {
-        f"confusion_{split}.csv": confusion.reset_index(),
+        f"confusion_{split}.csv": evaluation.confusion_table.reset_index(),
         f"per_class_{split}.csv": evaluation.per_class,
         f"top_confusions_{split}.csv": evaluation.top_confusions,
     }

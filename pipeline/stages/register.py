@@ -126,7 +126,8 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
     name = cfg.mlflow.registered_model
     rule = cfg.mlflow.promotion
     with tracking.resume(run_id):
-        run_data = client.get_run(run_id).data
+        mlflow_run = client.get_run(run_id)
+        run_data = mlflow_run.data
         if rule.metric not in run_data.metrics:
             raise RegistrationError(
                 f"run {run_id} has no metric {rule.metric!r} (mlflow.promotion.metric); "
@@ -173,7 +174,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 "promoted": str(promote).lower(),
                 "promotion_reason": reason,
                 tracking.NOTE: tracking.describe_outcome(
-                    run_data.tags.get(tracking.NOTE, client.get_run(run_id).info.run_name),
+                    run_data.tags.get(tracking.NOTE) or mlflow_run.info.run_name,
                     run_data.metrics, rule.metric, name, str(version.version), promote, reason),
             })
             after = version if promote else champion
@@ -188,8 +189,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 "promoted": promote,
                 "reason": reason,
             }
-            out.registration.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(out.registration) as handle:
+            with atomic_write(out.registration) as handle:  # makes the folder if need be
                 handle.write((json.dumps(record, indent=2) + "\n").encode())
                 if alias is not None:
                     client.set_registered_model_alias(name, alias, version.version)
