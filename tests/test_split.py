@@ -227,6 +227,15 @@ def test_stage_writes_the_outputs_and_manifest(project: Project,
             project.split_dir / f"{split}.npz")[1])
 
 
+def test_a_split_folder_that_cannot_be_written_is_one_line(
+        project: Project, capsys: pytest.CaptureFixture) -> None:
+    project.fill_raw()
+    project.configure(split_dir="/proc/no-such-folder/split")  # cannot be created, even by root
+    code, out, err = _run_stage(project, capsys)
+    assert code == 1 and err.startswith("split: error: ") and "/proc/no-such-folder" in err
+    assert len(err.splitlines()) == 1, err
+
+
 def test_stage_outputs_are_byte_identical_across_runs_and_places(
         tmp_path: Path, project: Project, capsys: pytest.CaptureFixture) -> None:
     project.fill_raw()

@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(args.params)
         print(run(cfg.data))
-    except (config.ConfigError, StageError, IdxFormatError, ExtraDataError, DatasetError) as exc:
+    except (config.ConfigError, StageError, IdxFormatError, ExtraDataError, DatasetError,
+            OSError) as exc:  # OSError: a folder that cannot be made, a full disk
         print(f"split: error: {exc}", file=sys.stderr)
         return 1
     return 0

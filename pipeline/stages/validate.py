@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"validate: error: {exc}\n{HOW_TO_GET_BACK}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the raw labels archive cannot be read
+        print(f"validate: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
