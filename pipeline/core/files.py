@@ -172,14 +172,19 @@ def atomic_write_text(path: str | Path, text: str, mode: int = 0o666) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+def fixed_zip_info(name: str) -> zipfile.ZipInfo:
+    """A stored (uncompressed) zip entry with nothing from the clock or the platform in it."""
+    info = zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3  # Unix, whatever the platform that writes it
+    info.external_attr = 0o644 << 16
+    return info
+
+
 def _write_npz_to(f: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE_TIME)
-            info.compress_type = zipfile.ZIP_STORED
-            info.create_system = 3  # Unix, whatever the platform that writes it
-            info.external_attr = 0o644 << 16
-            with zf.open(info, "w", force_zip64=True) as entry:
+            with zf.open(fixed_zip_info(f"{name}.npy"), "w", force_zip64=True) as entry:
                 np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
 
 

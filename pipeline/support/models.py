@@ -254,10 +254,6 @@ def save(estimator, path: str | Path) -> None:
     atomic_write_bytes(path, reproducible_skops(import_skops().dumps(estimator)))
 
 
-# 1980-01-01, the earliest time a zip entry can carry: no build time in the file.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
-
-
 def reproducible_skops(archive: bytes) -> bytes:
     """The same skops archive with nothing that depends on the process or the clock.
 
@@ -268,8 +264,9 @@ def reproducible_skops(archive: bytes) -> bytes:
     stored uncompressed with a fixed date and mode. `skops.io.load` reads it as before.
     """
     import io
-    import json
     import zipfile
+
+    from pipeline.core.files import fixed_zip_info
 
     with zipfile.ZipFile(io.BytesIO(archive)) as source:
         schema = json.loads(source.read("schema.json"))
@@ -296,10 +293,7 @@ def reproducible_skops(archive: bytes) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
         for name in sorted(entries):
-            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
-            info.create_system = 3  # Unix, whatever the platform that wrote it
-            info.external_attr = 0o644 << 16
-            target.writestr(info, entries[name])
+            target.writestr(fixed_zip_info(name), entries[name])
     return buffer.getvalue()
 
 

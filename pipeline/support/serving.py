@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.idx import IMAGE_SHAPE
+
 FLAVOR = "python_function"
-N_PIXELS = 784
-IMAGE_SHAPE = (28, 28)
+N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
 TOP_K_MAX = 10
-COLUMNS = ("class", "class_name", "probability")
-TOP_COLUMNS = ("top_classes", "top_class_names", "top_probabilities")
 INPUT_CONTRACT = ("integers 0-255 (no floats, booleans or strings), shape (n, 784) or (n, 28, 28); "
                   "params.top_k (1-10) adds the k most probable classes")
 
