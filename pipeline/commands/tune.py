@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.files import atomic_write_text
 from pipeline.support import config, models, search, store, tracking
+from pipeline.support.locks import redacted
 from pipeline.support.outputs import Outputs
 from pipeline.support.workspace import project_root
 
@@ -264,21 +266,11 @@ def create_study(name: str, url: str, space: search.SearchSpace) -> Any:
                                 direction=space.direction, load_if_exists=True)
     if study.direction.name.lower() != space.direction:
         raise config.ConfigError(
-            f"study {name!r} in {_redacted(url)} was created to {study.direction.name.lower()}, "
+            f"study {name!r} in {redacted(url)} was created to {study.direction.name.lower()}, "
             f"but search.objective={space.objective!r} needs {space.direction}; "
             "choose another --study name")
     study.set_user_attr("objective", space.objective)
     return study
-
-
-def _redacted(url: str) -> str:
-    """A storage URL without its password, for logs and tags."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
 
 
 def run_workers(plan: Plan, n_trials: int, n_workers: int) -> list[int]:
@@ -354,7 +346,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     commit, dirty = tracking.git_commit()
     parent = client.create_run(
         experiment.experiment_id, run_name=f"tune-{study_name}-from-trial-{before}",
-        tags={"optuna_study": study_name, "optuna_storage": _redacted(url), "source": "tune",
+        tags={"optuna_study": study_name, "optuna_storage": redacted(url), "source": "tune",
               "git_commit": commit, "git_dirty": str(dirty).lower(), "model": "study"})
     parent_id = parent.info.run_id
     client.log_dict(parent_id, {"objective": space.objective, "pruner": space.pruner,
@@ -365,7 +357,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
         client.log_param(parent_id, key, value)
     deadline = None if timeout is None else time.time() + timeout
     plan = Plan(cfg, space, study_name, url, parent_id, seed, deadline, before)
-    print(f"tune: study {study_name!r} in {_redacted(url)} ({before} trials so far); "
+    print(f"tune: study {study_name!r} in {redacted(url)} ({before} trials so far); "
           f"{n_trials} trials on {n_workers} workers; MLflow parent run {parent_id}",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -403,8 +395,8 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     folder = project_root() / "outputs" / "tune" / study_name / datetime.now(UTC).strftime(
         "%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "best_model.yaml").write_text(
-        best_model_yaml(best_model, study_name, best, space.objective))
+    atomic_write_text(folder / "best_model.yaml",
+                      best_model_yaml(best_model, study_name, best, space.objective))
     client.log_artifact(parent_id, str(folder / "best_model.yaml"), artifact_path="optuna")
     log_study(client, parent_id, study, space, folder)
     client.log_metric(parent_id, f"best_{space.objective}", best.value)

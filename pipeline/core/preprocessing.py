@@ -34,7 +34,7 @@ STD_FLOOR = 0.05
 CHUNK_ROWS = 1024
 # scikit-learn's parameter constraints, shared with SoftmaxRegression (same names and meaning).
 PIXEL_PARAMETER_CONSTRAINTS: dict = {
-    "pixel_transform": [StrOptions({"power", "sqrt"}), None],
+    "pixel_transform": [StrOptions({t for t in TRANSFORMS if t is not None}), None],
     "power": [Interval(numbers.Real, 0, math.inf, closed="neither")],
     "scaling": [StrOptions(set(SCALINGS))],
     "hinges": [Interval(numbers.Integral, 0, None, closed="left")],

@@ -5,7 +5,7 @@ Usage: python -m pipeline.stages.download [--params params.yaml]
 Mirrors are tried in the order of `data.mirrors`; the environment variable FMNIST_MIRROR (a
 directory, a file:// URL or an http(s):// URL) goes in front of them, which is how offline
 machines and tests point the stage at a local copy; unset, a `../shared/fashion-mnist` folder of
-archives beside the checkout plays that part (`pipeline.support.workspace.local_mirror`). A
+archives beside the checkout plays that part (`pipeline.support.workspace.mirror_source`). A
 mirror is a base: the file's URL is the mirror, a slash and the file name.
 
 Only a file whose MD5 matches the configuration ever appears under its final name: each transfer

@@ -59,7 +59,7 @@ class LockUnavailable(ConnectionError):
     """The database that holds a shared lock cannot be reached; nothing was changed."""
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     """The URL without its password, for messages."""
     from urllib.parse import urlsplit
 
@@ -90,7 +90,7 @@ def advisory_lock(
                                application_name=me[:63], keepalives=1, keepalives_idle=10,
                                keepalives_interval=5, keepalives_count=3)
     except psycopg.Error as exc:
-        raise LockUnavailable(f"cannot reach the lock database {_redacted(url)}: "
+        raise LockUnavailable(f"cannot reach the lock database {redacted(url)}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
     with conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:

@@ -60,7 +60,7 @@ def explain(exc: BaseException) -> str:
     message = getattr(exc, "message", None)
     if getattr(exc, "error_code", None) == "PERMISSION_DENIED" or (
             isinstance(message, str) and "error code 403 " in message):
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        user = os.environ.get(store.USERNAME_ENV, "")
         return (f"the MLflow tracking server refused user {user!r} this change (HTTP 403: "
                 f"{message}); writing runs and moving the champion need EDIT permission: ask "
                 f"its admin (`make team-user NAME={user or '<you>'} PERMISSION=EDIT`)")
