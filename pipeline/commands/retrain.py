@@ -144,18 +144,17 @@ Runner = Callable[..., subprocess.CompletedProcess]
 
 
 def _read_parameters(params: Path) -> config.DataConfig:
+    """The data settings, once a tracking server that is down has failed the cycle in seconds,
+    before any step works."""
     try:
-        return config.load(params).data
+        cfg = config.load(params)
     except config.ConfigError as exc:
         raise CommandError("read parameters", str(exc)) from None
-
-
-def _check_tracking_server(params: Path) -> None:
-    """A tracking server that is down fails the cycle in seconds, before any step works."""
     try:
-        store.check_server(store.tracking_uri(config.load(params).mlflow))
+        store.check_server(store.tracking_uri(cfg.mlflow))
     except store.StoreUnavailable as exc:
         raise CommandError("check tracking server", str(exc)) from None
+    return cfg.data
 
 
 def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
@@ -177,7 +176,6 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     for step in plan(params, pull_extra=bool(remotes), compose=compose):
         if data is None and step.name != "params":  # once composed, before anything reads them
             data = _read_parameters(params)
-            _check_tracking_server(params)
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
             (root / data.extra_dir).mkdir(parents=True, exist_ok=True)
