@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,27 +38,12 @@ from pathlib import Path
 from pipeline.support.workspace import mirror_directory
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the copy routine and make's settings are the tests' own
+from tests.repo_copy import MAKE, copy_repository  # noqa: E402
+
 VENV = ROOT / ".venv"
-# make in the copy with this checkout's virtualenv, without re-running `uv sync` from the copy
-# (that would point the venv's editable install at the copy, deleted afterwards): the copy's
-# `make train` is then what it is in a clone after `make setup`.
-MAKE = ("make", f"VENV={VENV}", f"--assume-old={VENV / '.installed'}")
 RATIO_BAR = 6.0
 STAGES = ("train", "evaluate", "register")
-
-
-def copy_checkout(source: Path, destination: Path) -> None:
-    """What a clone has: tracked files plus new files git does not ignore, in a new repository."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=source, capture_output=True, check=True).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        if (source / name).is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, destination / name)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
 
 
 class Copy:
@@ -121,7 +105,7 @@ def main() -> int:
     ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         copy = Copy(Path(tmp), mirror)
-        copy_checkout(args.checkout.resolve(), copy.root)
+        copy_repository(copy.root, args.checkout.resolve())
         record("make train, fresh clone", copy.make_train())
         write_png(copy.root / "one.png", mirror)
         (copy.root / "bad.yaml").write_text(re.sub(

@@ -28,14 +28,15 @@ MAKE = ("make", "--no-print-directory", f"VENV={BIN.parent}",
         f"--assume-old={BIN.parent / '.installed'}")
 
 
-def copy_repository(destination: Path) -> None:
-    """The files a clone would have (tracked, plus new files not ignored), in a fresh git repo."""
+def copy_repository(destination: Path, checkout: Path = REPO_ROOT) -> None:
+    """The files a clone of `checkout` would have (tracked, plus new files not ignored), in a
+    fresh git repo (benchmarks/bench_loop.py copies another checkout with it too)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, capture_output=True, check=True,
+        cwd=checkout, capture_output=True, check=True,
     ).stdout.decode().split("\0")
     for name in filter(None, listed):
-        source = REPO_ROOT / name
+        source = checkout / name
         if source.is_file():
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
