@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,40 @@ def name(request: pytest.FixtureRequest, store: str, tmp_path: Path,
     """A registered model of the test's own, so tests sharing the store stay independent."""
     monkeypatch.chdir(tmp_path)
     return f"model-{request.node.name}"
+
+
+def params_for_model(path: Path, name: str) -> Path:
+    """The project's params.yaml at `path`, registering as `name`: a stage in a process of its
+    own registers the test's model."""
+    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    tree["mlflow"]["registered_model"] = name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@contextmanager
+def registrations(workdirs: list[Path], candidates: list[tuple[str, str]],
+                  params: Path) -> Iterator[list[subprocess.Popen]]:
+    """One register-stage process per (workdir, candidate run), each with the run's run.json
+    and its stdout/stderr files in its workdir; any still running at the end is killed with
+    its process group, whatever happened."""
+    from pipeline.support.tracking import write_run_file
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # MLFLOW_*: the test's store or server
+    processes: list[subprocess.Popen] = []
+    try:
+        for workdir, (run_id, uri) in zip(workdirs, candidates, strict=True):
+            write_run_file(workdir / "models" / "run.json", run_id, model_uri=uri)
+            with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.stages.register", "--params", str(params)],
+                    env=env, cwd=workdir, stdout=out, stderr=err, start_new_session=True))
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def make_config(name: str) -> config.Config:
@@ -141,42 +177,28 @@ def test_two_registrations_at_once_wait_for_the_lock_and_keep_the_better(
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages.register import registry_lock
-    from pipeline.support.tracking import write_run_file
 
     register(name, *evaluated_run(0.80), tmp_path / "base")
     candidates = [evaluated_run(0.90), evaluated_run(0.85)]
-    params = tmp_path / "params.yaml"
-    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    tree["mlflow"]["registered_model"] = name
-    params.write_text(yaml.safe_dump(tree))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # MLFLOW_TRACKING_URI: the test's store
+    params = params_for_model(tmp_path / "params.yaml", name)
     client = MlflowClient()
     waiting = f"register: waiting for the registry lock held by pid {os.getpid()} since"
     workdirs = [tmp_path / f"p{i}" for i in range(len(candidates))]
-    processes: list[subprocess.Popen] = []
-    try:
-        with registry_lock(store):
-            for workdir, (run_id, uri) in zip(workdirs, candidates, strict=True):
-                write_run_file(workdir / "models" / "run.json", run_id, model_uri=uri)
-                with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
-                    processes.append(subprocess.Popen(
-                        [sys.executable, "-m", "pipeline.stages.register", "--params", str(params)],
-                        env=env, cwd=workdir, stdout=out, stderr=err, start_new_session=True))
-            for process, workdir in zip(processes, workdirs, strict=True):
-                wait_for_line(process, workdir / "stderr", waiting)
-            # Both have found the lock busy and are blocked on it: the registry and the
-            # registration files are as they were.
-            assert [p.poll() for p in processes] == [None, None]
-            assert len(client.search_model_versions(f"name='{name}'")) == 1
-            assert champion_version(name) == "1"
-            assert not any((w / "models" / "registration.json").exists() for w in workdirs)
-            released_ms = int(time.time() * 1000)
+    with contextlib.ExitStack() as stack:
+        held = stack.enter_context(contextlib.ExitStack())  # released below, or on failure
+        held.enter_context(registry_lock(store))  # taken before the processes start
+        processes = stack.enter_context(registrations(workdirs, candidates, params))
+        for process, workdir in zip(processes, workdirs, strict=True):
+            wait_for_line(process, workdir / "stderr", waiting)
+        # Both have found the lock busy and are blocked on it: the registry and the
+        # registration files are as they were.
+        assert [p.poll() for p in processes] == [None, None]
+        assert len(client.search_model_versions(f"name='{name}'")) == 1
+        assert champion_version(name) == "1"
+        assert not any((w / "models" / "registration.json").exists() for w in workdirs)
+        released_ms = int(time.time() * 1000)
+        held.close()
         assert [p.wait(timeout=120) for p in processes] == [0, 0]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
     for workdir in workdirs:
         assert (workdir / "stdout").read_text().startswith("register: ")
     versions = client.search_model_versions(f"name='{name}'")

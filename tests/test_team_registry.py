@@ -8,10 +8,6 @@ would.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.synthetic import REPO_ROOT
 from tests.team_stack import Team
 
 pytestmark = pytest.mark.slow
@@ -32,19 +27,15 @@ def test_racing_registrations_leave_the_best_champion_and_never_a_worse_one(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.support.tracking import write_run_file
-    from tests.test_register import evaluated_run
+    from tests.test_register import evaluated_run, params_for_model, registrations
 
     for key, value in team.env.items():
         monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
     name = "race-check"
-    params = tmp_path / "params.yaml"
-    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    tree["mlflow"]["registered_model"] = name
-    rule = tree["mlflow"]["promotion"]
+    params = params_for_model(tmp_path / "params.yaml", name)
+    rule = yaml.safe_load(params.read_text())["mlflow"]["promotion"]
     assert rule["metric"] == "test_accuracy"  # greater is better
-    params.write_text(yaml.safe_dump(tree))
     candidates = [evaluated_run(accuracy) for accuracy in ACCURACIES]
     client = MlflowClient()
 
@@ -62,24 +53,13 @@ def test_racing_registrations_leave_the_best_champion_and_never_a_worse_one(
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     workdirs = [tmp_path / f"machine{i}" for i in range(len(candidates))]
-    processes: list[subprocess.Popen] = []
     try:
-        for workdir, (run_id, uri) in zip(workdirs, candidates, strict=True):
-            write_run_file(workdir / "models" / "run.json", run_id, model_uri=uri)
-            with open(workdir / "stdout", "w") as out, open(workdir / "stderr", "w") as err:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.stages.register", "--params", str(params)],
-                    env=env, cwd=workdir, stdout=out, stderr=err, start_new_session=True))
-        codes = [process.wait(timeout=240) for process in processes]
+        with registrations(workdirs, candidates, params) as processes:
+            codes = [process.wait(timeout=240) for process in processes]
     finally:
         stop.set()
         poller.join(timeout=10)
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
     assert codes == [0] * len(candidates), [(w / "stderr").read_text() for w in workdirs]
 
     versions = client.search_model_versions(f"name='{name}'")

@@ -12,7 +12,6 @@ from base64 import b64encode
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.repo_copy import BIN, MAKE, Repo, make_repo
 from tests.synthetic import REPO_ROOT
@@ -82,13 +81,10 @@ def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tests.test_register import evaluated_run
+    from tests.test_register import evaluated_run, params_for_model
 
     name = "read-only-check"
-    params = tmp_path / "params.yaml"
-    tree = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    tree["mlflow"]["registered_model"] = name
-    params.write_text(yaml.safe_dump(tree))
+    params = params_for_model(tmp_path / "params.yaml", name)
     for key, value in team.env.items():
         monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
