@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.core.files import atomic_write_text
 from pipeline.core.split import check_manifest, load_split
-from pipeline.support import config, store, tracking
+from pipeline.support import config, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.stage import stage_main
 
@@ -125,16 +125,16 @@ def train(cfg: config.Config, out: Outputs, source: str,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def body(cfg: config.Config) -> None:
+    def check_model(cfg: config.Config) -> None:
         from pipeline.support import models
 
-        models.check_params(cfg.model)  # a bad value fails before MLflow is even imported
-        store.connect(cfg.mlflow)
-        tracking.fail_killed_runs(cfg.mlflow.experiment)
+        models.check_params(cfg.model)
+
+    def body(cfg: config.Config) -> None:
         train(cfg, Outputs(), "dvc")
 
     return stage_main("train", "Fit the configured model; open the pipeline's MLflow run.", argv,
-                      body, tracked=False)
+                      body, precheck=check_model)
 
 
 if __name__ == "__main__":

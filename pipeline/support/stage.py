@@ -1,9 +1,10 @@
-"""The command line every DVC stage shares: read params.yaml, connect, run, report in one line.
+"""The command line of the stages that log to MLflow (train, evaluate, register): read
+params.yaml, connect, run, report in one line.
 
 A stage's `main` hands its work to `stage_main`; expected errors (bad configuration or input, a
 missing run or model file, a store that cannot be reached) become one `<stage>: error: ...` line
-and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out. A
-tracked stage first closes the runs of killed processes (`tracking.fail_killed_runs`).
+and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out. Each
+first closes the runs of killed processes (`tracking.fail_killed_runs`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pipeline.support import config, store, tracking
 
 def stage_main(
     name: str, description: str, argv: Sequence[str] | None,
-    body: Callable[[config.Config], str], tracked: bool = True,
+    body: Callable[[config.Config], str | None],
+    precheck: Callable[[config.Config], object] | None = None,
 ) -> int:
-    """Parse `--params`, load and check it, connect to MLflow if `tracked`, print `body(cfg)`."""
+    """Parse `--params`, load and check it, run `precheck(cfg)` (before MLflow is imported, so
+    a bad value fails in about a second), connect to MLflow, print `body(cfg)`."""
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}",
                                      description=description)
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
@@ -27,9 +30,10 @@ def stage_main(
     tracking.fail_runs_on_sigterm()
     try:
         cfg = config.load(args.params)
-        if tracked:
-            store.connect(cfg.mlflow)
-            tracking.fail_killed_runs(cfg.mlflow.experiment)
+        if precheck is not None:
+            precheck(cfg)
+        store.connect(cfg.mlflow)
+        tracking.fail_killed_runs(cfg.mlflow.experiment)
         message = body(cfg)
     except tracking.expected_errors() as exc:
         print(f"{name}: error: {tracking.explain(exc)}", file=sys.stderr)
