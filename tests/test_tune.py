@@ -127,7 +127,7 @@ def test_pruned_and_diverged_trials_are_recorded_and_the_study_goes_on(repo: Rep
 
 def test_a_killed_worker_leaves_a_failed_trial_and_the_study_goes_on(repo: Repo) -> None:
     process = subprocess.Popen([*TUNE, "--trials", "8", "--workers", "2", "--study", "s3",
-                                "model.epochs=300", "search.pruner=none"],
+                                "model.epochs=5000", "search.pruner=none"],
                                cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
