@@ -52,7 +52,7 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 	dvc repro split
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
-	@$(PYTHON) -m pipeline.commands.team check >/dev/null
+	@$(PYTHON) -m pipeline.commands.preflight >/dev/null
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -217,3 +218,21 @@ def test_wrong_or_missing_credentials_name_the_variables(
         assert named in output and "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" \
             in output, output
         assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("command", [["pipeline.commands.preflight"],
+                                     ["pipeline.commands.team", "check"]])
+def test_the_preflight_answers_under_both_names(command: list[str]) -> None:
+    env = {**{k: v for k, v in os.environ.items()
+              if not k.startswith("MLFLOW_TRACKING")},
+           "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        "team: error: cannot reach the MLflow tracking server http://127.0.0.1:9 (")
+    env["MLFLOW_TRACKING_URI"] = "sqlite:///mlflow.db"
+    result = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (
+        0, "team: the tracking store sqlite:///mlflow.db answers\n")

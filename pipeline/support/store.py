@@ -227,3 +227,11 @@ def connect(cfg: MlflowConfig, experiment: bool = True) -> str:
     if experiment:
         mlflow.set_experiment(cfg.experiment)
     return uri
+
+
+def preflight(cfg: MlflowConfig) -> str:
+    """The project's tracking URI, once its server (if it has one) answered `check_server`:
+    what `make train` checks before `dvc repro`."""
+    uri = tracking_uri(cfg)
+    check_server(uri)
+    return uri
