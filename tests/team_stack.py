@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands import team as team_command
+from pipeline.support.workspace import CommandError
+from pipeline.team import postgres, settings
 from tests.synthetic import REPO_ROOT
 
 
@@ -61,8 +62,8 @@ class Team:
     env_file: Path
 
     @property
-    def stack(self) -> team_command.Stack:
-        return team_command.load_stack(self.state)
+    def stack(self) -> settings.Stack:
+        return settings.load_stack(self.state)
 
     @property
     def env(self) -> dict[str, str]:
@@ -89,15 +90,15 @@ class Team:
 @pytest.fixture(scope="session")
 def team() -> Iterator[Team]:
     try:
-        team_command.postgres_bin()
-    except team_command.CommandError as exc:
+        postgres.binaries()
+    except CommandError as exc:
         pytest.skip(f"team tests need PostgreSQL: {exc.message}")
     # Not under pytest's tmp folder (mode 700): as root, PostgreSQL runs as `postgres`, which
     # must reach its data folder.
     state_root = Path(tempfile.mkdtemp(prefix="fmnist-team-"))
     state_root.chmod(0o755)
     found = Team(state_root / "state", state_root / "team.env")
-    base = free_port_block(len(team_command.PORT_OFFSETS))
+    base = free_port_block(len(settings.PORT_OFFSETS))
     try:
         found.command("up", "--base-port", str(base))
         yield found

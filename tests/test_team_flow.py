@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.commands.team import _stop_group
+from pipeline.team import postgres, supervisor
 from tests.repo_copy import BIN, MAKE, Repo, make_repo
 from tests.synthetic import REPO_ROOT
 from tests.team_stack import Team
@@ -143,17 +143,16 @@ def test_a_stack_restarted_between_stages_resumes_and_keeps_everything(
 
 def test_postgres_restarted_between_stages_costs_nothing(
         team: Team, clones: tuple[Repo, Repo]) -> None:
-    from pipeline.commands.team import _as_postgres, _postgres_dirs, postgres_bin
-
     a, _ = clones
     params = a.params()
     params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.5
     a.write_params(params)
     a.dvc("repro", "train")
-    data, log = _postgres_dirs(team.stack)
+    data, log = postgres.dirs(team.stack)
     # -l: the restarted server must not inherit (and hold open) this test's pipes.
-    subprocess.run(_as_postgres([str(postgres_bin() / "pg_ctl"), "restart", "-D", str(data),
-                                 "-l", str(log), "-m", "fast", "-w"]),
+    pg_ctl = str(postgres.binaries() / "pg_ctl")
+    subprocess.run(postgres.as_postgres([pg_ctl, "restart", "-D", str(data), "-l", str(log),
+                                         "-m", "fast", "-w"]),
                    check=True, capture_output=True, timeout=120)
     run_id = a.json("models/run.json")["run_id"]
     result = a.dvc("repro", check=False)
@@ -169,7 +168,7 @@ def test_an_object_store_down_during_push_loses_nothing(
         team: Team, clones: tuple[Repo, Repo]) -> None:
     a, _ = clones
     assert a.dvc("status", "--cloud").stdout.strip() != "Cache and remote 'env' are in sync."
-    _stop_group(team.stack, "seaweedfs")
+    supervisor.stop_group(team.state, "seaweedfs")
     try:
         started = time.monotonic()
         failed = make(a, "push", check=False)

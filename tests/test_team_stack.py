@@ -220,6 +220,52 @@ def test_wrong_or_missing_credentials_name_the_variables(
         assert "Traceback" not in output, output
 
 
+def test_a_member_added_again_gets_a_new_password_and_the_new_permission(
+        team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second `team user` takes the paths where the user and the grants already exist."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.team_stack import read_env_file
+
+    url = team.env["MLFLOW_TRACKING_URI"]
+    probe = url + "/api/2.0/mlflow/experiments/search?max_results=1"
+    user_file = team.state / "users" / "carol.env"
+    team.command("user", "carol")
+    first = read_env_file(user_file)["MLFLOW_TRACKING_PASSWORD"]
+    again = team.command("user", "carol", "--permission", "edit")
+    assert again.stdout.startswith("user carol: EDIT on experiment 'fashion-mnist' and model ")
+    second = read_env_file(user_file)["MLFLOW_TRACKING_PASSWORD"]
+    assert second != first
+    assert _get(probe, "carol", first) == 401
+    assert _get(probe, "carol", second) == 200
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", second)
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    run = client.create_run(experiment)  # EDIT may write runs; READ may not
+    client.set_terminated(run.info.run_id)
+
+
+def test_adding_a_member_to_a_stack_that_is_down_fails_at_once(tmp_path: Path) -> None:
+    from tests.team_stack import free_port_block
+
+    state = tmp_path / "state"
+    base = free_port_block(12)
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from pipeline.team.settings import load_stack; "
+                    "load_stack(Path(sys.argv[1]), base_port=int(sys.argv[2]))",
+                    str(state), str(base)], cwd=REPO_ROOT, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.commands.team", "user", "dave", "--state", str(state)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"team: error: user: cannot reach http://127.0.0.1:{base + 1} (")
+    assert result.stderr.rstrip().endswith("`make team-up` first")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (state / "users").exists()
+
+
 @pytest.mark.parametrize("command", [["pipeline.commands.preflight"],
                                      ["pipeline.commands.team", "check"]])
 def test_the_preflight_answers_under_both_names(command: list[str]) -> None:

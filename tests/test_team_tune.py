@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from pipeline.commands.team import OPTUNA_DATABASE
+from pipeline.team.settings import OPTUNA_DATABASE
 from tests.repo_copy import Repo, make_repo
 from tests.team_stack import Team
 
