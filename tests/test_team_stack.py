@@ -234,6 +234,7 @@ def test_a_member_added_again_gets_a_new_password_and_the_new_permission(
     first = read_env_file(user_file)["MLFLOW_TRACKING_PASSWORD"]
     again = team.command("user", "carol", "--permission", "edit")
     assert again.stdout.startswith("user carol: EDIT on experiment 'fashion-mnist' and model ")
+    assert again.stderr == ""  # nothing from importing MLflow's server package
     second = read_env_file(user_file)["MLFLOW_TRACKING_PASSWORD"]
     assert second != first
     assert _get(probe, "carol", first) == 401

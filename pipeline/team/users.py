@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,10 +77,13 @@ def add_user(stack: Stack, name: str, permission: str, mlflow_cfg: config.Mlflow
 def _grant(url: str, name: str, password: str, permission: str,
            mlflow_cfg: config.MlflowConfig) -> None:
     from mlflow.exceptions import MlflowException
-    from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
-    auth = get_app_client("basic-auth", tracking_uri=url)
+    with warnings.catch_warnings():  # the client's module imports the server's apps, unused
+        warnings.filterwarnings("ignore", message="starlette.middleware.wsgi is deprecated")
+        from mlflow.server import get_app_client
+
+        auth = get_app_client("basic-auth", tracking_uri=url)
     try:
         auth.create_user(name, password)
     except MlflowException as exc:
