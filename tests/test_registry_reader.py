@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.commands import predict
 from pipeline.core.estimator import SoftmaxRegression
-from pipeline.support import models, registry_reader
+from pipeline.support import model_files, model_loader, registry_reader
 from tests.repo_copy import MODEL_NAME
 from tests.synthetic import REPO_ROOT, data_params, make_dataset, write_params
 
@@ -58,7 +58,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, archives) -> Registry:
         estimator = SoftmaxRegression(epochs=epochs, random_state=0).fit(X, y)
         with mlflow.start_run(experiment_id=experiment):
             mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
-                                     skops_trusted_types=models.TRUSTED_TYPES,
+                                     skops_trusted_types=model_files.TRUSTED_TYPES,
                                      registered_model_name=MODEL_NAME)
         estimators[version] = estimator
     client.set_registered_model_alias(MODEL_NAME, "champion", "2")
@@ -109,7 +109,7 @@ def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, clien
                                                           dst_path=str(tmp_path)))
     for name in ("MLmodel", "model.skops"):
         assert record.read(name, 1 << 20) == (downloaded / name).read_bytes()
-    loaded = models.load_model_files(record.read, f"models:/{MODEL_NAME}/2")
+    loaded = model_loader.load_model_files(record.read, f"models:/{MODEL_NAME}/2")
     assert np.array_equal(loaded.predict_proba(registry.X),
                           registry.estimators["2"].predict_proba(registry.X))
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.estimator import SoftmaxRegression
-from pipeline.support import models
+from pipeline.support import model_files, model_loader
 from tests.repo_copy import MODEL_NAME
 from tests.synthetic import REPO_ROOT, data_params, make_dataset, write_params
 
@@ -124,8 +124,8 @@ def test_serve_refuses_the_pickled_champion_before_starting(crafted: CraftedStor
 
 def test_the_loader_checks_the_mlmodel_file_before_downloading_the_model(
         crafted: CraftedStore) -> None:
-    with pytest.raises(models.UntrustedModelError, match="cloudpickle"):
-        models.load_model_uri(f"runs:/{crafted.run_id}/model", crafted.tracking_uri)
+    with pytest.raises(model_loader.UntrustedModelError, match="cloudpickle"):
+        model_loader.load_model_uri(f"runs:/{crafted.run_id}/model", crafted.tracking_uri)
     assert not crafted.marker.exists()
 
 
@@ -140,8 +140,8 @@ def test_the_loader_checks_the_mlmodel_file_before_downloading_the_model(
      "no usable model file"),
 ])
 def test_what_an_mlmodel_file_may_declare(flavors: dict, found: str) -> None:
-    with pytest.raises(models.UntrustedModelError, match="models:/m/1") as refused:
-        models.trusted_model_file("models:/m/1", flavors)
+    with pytest.raises(model_loader.UntrustedModelError, match="models:/m/1") as refused:
+        model_loader.trusted_model_file("models:/m/1", flavors)
     assert found in str(refused.value)
 
 
@@ -157,6 +157,6 @@ def test_a_model_the_pipeline_logged_loads(tmp_path: Path) -> None:
     experiment = mlflow.MlflowClient().create_experiment("loader")
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
-                                 skops_trusted_types=models.TRUSTED_TYPES)
-    loaded = models.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
+                                 skops_trusted_types=model_files.TRUSTED_TYPES)
+    loaded = model_loader.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
     assert np.array_equal(loaded.predict(X), estimator.predict(X))

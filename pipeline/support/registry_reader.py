@@ -4,7 +4,7 @@ Importing MLflow with its SQL store takes about 2 s, more than everything else `
 Pinning `models:/NAME@alias` or `models:/NAME/N` to a version and reading the version's files
 takes a few reads: read-only SQL on the embedded sqlite store, or MLflow's REST API on a
 tracking server (the same requests its client sends). What is read is then checked as every
-other model is (`models.load_model_files`: the MLmodel file first, then the skops file with
+other model is (`model_loader.load_model_files`: the MLmodel file first, then the skops file with
 the trusted types).
 
 This reader covers what the pipeline itself sets up. Anything else raises `Unsupported` and the
@@ -287,7 +287,7 @@ class RestRegistry:
 class ClientRegistry:
     """The same questions through MLflow's client: any store MLflow can read.
 
-    Its versions carry no file reader: they are loaded by `models.load_model_uri`.
+    Its versions carry no file reader: they are loaded by `model_loader.load_model_uri`.
     """
 
     def __init__(self) -> None:
