@@ -267,9 +267,11 @@ class ResolvedModel:
         return f"{self.requested} is version {self.uri.rsplit('/', 1)[1]}: {message}"
 
 
-def _pinned(registry: registry_reader.Registry, uri: str, tracking_uri: str) -> ResolvedModel:
+def _pinned(registry: Callable[[], registry_reader.Registry], uri: str,
+            tracking_uri: str) -> ResolvedModel:
+    """`uri` pinned by the registry `registry()` opens; opening it may fail as reading does."""
     try:
-        record = _registered_version(registry, uri, tracking_uri)
+        record = _registered_version(registry(), uri, tracking_uri)
     except (ModelError, registry_reader.Unsupported):
         raise
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
@@ -292,11 +294,10 @@ def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
     check_store(tracking_uri)
     if uri.startswith("models:/"):
         try:
-            return _pinned(registry_reader.open_registry(tracking_uri), uri, tracking_uri)
+            return _pinned(lambda: registry_reader.open_registry(tracking_uri), uri,
+                           tracking_uri)
         except registry_reader.Unsupported:
             pass
-        except registry_reader.RegistryError as exc:
-            raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {exc}") from None
     store.quiet_mlflow()
     import_skops()  # before MLflow imports it: skops's table of trusted types, kept once
     import mlflow
@@ -305,7 +306,7 @@ def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
     if not uri.startswith("models:/"):
         return ResolvedModel(uri, uri, uri, tracking_uri)
     try:
-        return _pinned(registry_reader.ClientRegistry(), uri, tracking_uri)
+        return _pinned(registry_reader.ClientRegistry, uri, tracking_uri)
     except registry_reader.Unsupported:
         return ResolvedModel(uri, uri, uri, tracking_uri)
 
