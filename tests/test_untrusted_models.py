@@ -160,3 +160,30 @@ def test_a_model_the_pipeline_logged_loads(tmp_path: Path) -> None:
                                  skops_trusted_types=model_files.TRUSTED_TYPES)
     loaded = model_loader.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
     assert np.array_equal(loaded.predict(X), estimator.predict(X))
+
+
+@pytest.mark.parametrize("loader", ["pipeline.support.model_loader", "pipeline.support.serving"])
+def test_versions_logged_with_either_loader_name_load(tmp_path: Path, loader: str) -> None:
+    """Versions logged before the loader moved name `pipeline.support.serving` in their MLmodel:
+    MLflow's pyfunc loader and serve's checked loader still load them."""
+    import mlflow
+    import yaml
+
+    from pipeline.support import pyfunc_model
+
+    X, y = make_dataset(10, seed=3)
+    X = X.reshape(len(X), 784)
+    estimator = SoftmaxRegression(epochs=2, random_state=0).fit(X, y)
+    folder = tmp_path / "model"
+    pyfunc_model.save_model(estimator, str(folder), mlflow.models.Model(),
+                            class_names=[f"c{i}" for i in range(10)],
+                            skops_trusted_types=model_files.TRUSTED_TYPES)
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    assert meta["flavors"]["python_function"]["loader_module"] == pyfunc_model.LOADER_MODULE
+    meta["flavors"]["python_function"]["loader_module"] = loader
+    (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+    expected = [f"c{label}" for label in estimator.predict(X)]
+    pyfunc = mlflow.pyfunc.load_model(str(folder))
+    assert pyfunc.predict(X)["class_name"].tolist() == expected
+    served = model_loader.load_served_model(str(folder))
+    assert served.predict(X)["class_name"].tolist() == expected
