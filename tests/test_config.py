@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from pipeline.support import config, models, store
+from pipeline.support import config, estimators, store
 from tests.synthetic import REPO_ROOT
 
 PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
@@ -27,13 +27,13 @@ def with_change(path: str, value) -> dict:
 def check(params: dict) -> config.Config:
     """What a training stage does with a configuration: the schema, then the model's own rules."""
     cfg = config.validate(params)
-    models.check_params(cfg.model)
+    estimators.check_params(cfg.model)
     return cfg
 
 
 def test_committed_params_are_valid() -> None:
     cfg = check(PARAMS)
-    assert models.check_params(cfg.model).kind == "softmax"
+    assert estimators.check_params(cfg.model).kind == "softmax"
     assert cfg.mlflow.registered_model == "fashion-mnist-softmax"
     assert cfg.mlflow.promotion.metric == "test_accuracy"
     assert cfg.mlflow.promotion.greater_is_better
@@ -77,7 +77,7 @@ def test_unknown_key_is_rejected_with_its_full_name() -> None:
 def test_model_groups_have_their_own_parameters() -> None:
     params = copy.deepcopy(PARAMS)
     params["model"] = yaml.safe_load((REPO_ROOT / "conf/model/sklearn_logreg.yaml").read_text())
-    spec = models.check_params(check(params).model)
+    spec = estimators.check_params(check(params).model)
     assert spec.kind == "sklearn_logreg"
     assert spec.run_name == "logreg-C1-it100"
     params["model"]["learning_rate"] = 0.1  # a softmax key is not a logreg key
@@ -102,8 +102,8 @@ def test_the_model_is_built_from_its_keys_as_they_are() -> None:
     """One vocabulary: every key of conf/model/softmax.yaml is a parameter of the estimator."""
     from pipeline.core.estimator import SoftmaxRegression
 
-    spec = models.check_params(check(PARAMS).model)
-    built = models.build(spec)
+    spec = estimators.check_params(check(PARAMS).model)
+    built = estimators.build(spec)
     assert isinstance(built, SoftmaxRegression)
     params = {key: value for key, value in PARAMS["model"].items() if key != "_target_"}
     assert built.get_params() == {**SoftmaxRegression().get_params(), **params}
@@ -131,5 +131,6 @@ def test_infinite_power_is_refused() -> None:
 
 def test_allowed_strings_are_listed_in_one_order() -> None:
     """scikit-learn lists them in hash order, which changes from process to process."""
-    assert models._STRING_SET.sub(models._sorted_set, "a str among {'sgd', 'adam'} or None") == (
+    assert estimators._STRING_SET.sub(
+        estimators._sorted_set, "a str among {'sgd', 'adam'} or None") == (
         "a str among {'adam', 'sgd'} or None")

@@ -454,10 +454,10 @@ def test_a_model_file_written_before_features_and_hinges_still_loads_and_predict
     (statistics inline, no `hinges`): SoftmaxRegression(epochs=2, random_state=0) fitted on
     default_rng(0).integers(0, 256, (40, 784)) with labels arange(40) % 10; the .npy holds the
     probabilities that code gave for the first four images."""
-    from pipeline.support import models
+    from pipeline.support import model_loader
 
     data = Path(__file__).parent / "data"
-    model = models.load(data / "softmax-before-features.skops")
+    model = model_loader.load(data / "softmax-before-features.skops")
     X = np.random.default_rng(0).integers(0, 256, (40, 784), dtype=np.uint8)[:4]
     assert np.allclose(model.predict_proba(X), np.load(data / "softmax-before-features-proba.npy"),
                        atol=1e-6)

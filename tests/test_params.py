@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.commands import params
-from pipeline.support import config, models
+from pipeline.support import config, estimators
 from tests.synthetic import REPO_ROOT
 
 
@@ -21,7 +21,7 @@ def test_committed_params_equal_the_composition_of_conf() -> None:
 
 def test_group_override_swaps_the_model_section() -> None:
     composed = yaml.safe_load(params.compose(REPO_ROOT, ["model=sklearn_logreg", "model.C=0.5"]))
-    spec = models.check_params(config.validate(composed).model)
+    spec = estimators.check_params(config.validate(composed).model)
     assert spec.kind == "sklearn_logreg" and spec.params["C"] == 0.5
 
 
@@ -59,7 +59,7 @@ def test_a_run_logs_at_most_25_scalar_parameters(group: str) -> None:
     from pipeline.support import tracking
 
     cfg = config.validate(yaml.safe_load(params.compose(REPO_ROOT, [f"model={group}"])))
-    spec = models.check_params(cfg.model)
+    spec = estimators.check_params(cfg.model)
     logged = tracking.run_params(cfg, spec.all_params, spec.target)
     assert len(logged) <= 25
     assert all(isinstance(value, (str, int, float, bool, type(None)))

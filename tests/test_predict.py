@@ -22,7 +22,7 @@ import pytest
 from pipeline.commands import predict
 from pipeline.core.estimator import SoftmaxRegression
 from pipeline.core.idx import read_idx, write_idx
-from pipeline.support import config, models
+from pipeline.support import config, estimators, model_files, model_loader
 from pipeline.support.workspace import mirror_directory
 from tests.repo_copy import MODEL_NAME, Repo, make_repo
 from tests.synthetic import (
@@ -79,7 +79,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, archives) -> Setup:
     params = write_params(root / "params.yaml", data_params(archives.specs))
     X, y = make_dataset(20, seed=5)
     model = SoftmaxRegression(epochs=5, random_state=0).fit(X.reshape(len(X), -1), y)
-    models.save(model, root / "model.skops")
+    model_files.save(model, root / "model.skops")
     labels = np.array([3, 8, 0, 1, 7, 9], dtype=np.uint8)
     images = make_images(labels, seed=11)
     write_png(root / "coat.png", images[0])
@@ -323,7 +323,7 @@ def test_run_uri_gives_the_same_predictions_as_the_model_file(in_repo: Repo, cap
     code, out, err = run_main(capsys, tmp_path / "some.npy", "--model", f"runs:/{run_id}/model",
                               "--top-k", "2")
     assert code == 0, err
-    model = models.load(in_repo.root / "models" / "model.skops")
+    model = model_loader.load(in_repo.root / "models" / "model.skops")
     shown = [row.split()[1] for row in out.splitlines()[1:]]
     assert shown == [CLASS_NAMES[label].split()[0] for label in model.predict(X)]
 
@@ -372,10 +372,10 @@ def test_real_test_images_get_the_evaluate_stage_classes(tmp_path: Path) -> None
     """10,000 real images, 15% of them misclassified: the same mistakes, image by image."""
     real = _real_archives()
     cfg = config.load(REPO_ROOT / "params.yaml")
-    model = models.build(cfg.model)
+    model = estimators.build(cfg.model)
     model.fit(read_idx(real / "train-images-idx3-ubyte.gz").reshape(-1, 784),
               read_idx(real / "train-labels-idx1-ubyte.gz"))
-    models.save(model, tmp_path / "model.skops")
+    model_files.save(model, tmp_path / "model.skops")
 
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.predict", str(real / TEST_IMAGES), "--json",

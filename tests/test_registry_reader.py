@@ -8,6 +8,7 @@ read-only user, is in tests/test_team_stack.py.)
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -25,7 +26,7 @@ import pytest
 
 from pipeline.commands import predict
 from pipeline.core.estimator import SoftmaxRegression
-from pipeline.support import models, registry_reader
+from pipeline.support import model_files, model_loader, registry_reader
 from tests.repo_copy import MODEL_NAME
 from tests.synthetic import REPO_ROOT, data_params, make_dataset, write_params
 
@@ -58,7 +59,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, archives) -> Registry:
         estimator = SoftmaxRegression(epochs=epochs, random_state=0).fit(X, y)
         with mlflow.start_run(experiment_id=experiment):
             mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
-                                     skops_trusted_types=models.TRUSTED_TYPES,
+                                     skops_trusted_types=model_files.TRUSTED_TYPES,
                                      registered_model_name=MODEL_NAME)
         estimators[version] = estimator
     client.set_registered_model_alias(MODEL_NAME, "champion", "2")
@@ -109,7 +110,7 @@ def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, clien
                                                           dst_path=str(tmp_path)))
     for name in ("MLmodel", "model.skops"):
         assert record.read(name, 1 << 20) == (downloaded / name).read_bytes()
-    loaded = models.load_model_files(record.read, f"models:/{MODEL_NAME}/2")
+    loaded = model_loader.load_model_files(record.read, f"models:/{MODEL_NAME}/2")
     assert np.array_equal(loaded.predict_proba(registry.X),
                           registry.estimators["2"].predict_proba(registry.X))
 
@@ -142,14 +143,14 @@ def test_what_the_reader_leaves_to_mlflow(registry: Registry, tmp_path: Path) ->
     server._proxied_reader("mlflow-artifacts://127.0.0.1:5000/1/models/m-1/artifacts")
 
 
-def _predict(registry: Registry, *args: str) -> tuple[int, str, str]:
+def _predict(registry: Registry, *args: str, **env: str) -> tuple[int, str, str]:
     script = ("import sys; from pipeline import predict; "
               f"code = predict.main({list(args)!r}); "
               "print('mlflow' in sys.modules, code)")
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=registry.root, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
-             "MLFLOW_TRACKING_URI": registry.tracking_uri}, timeout=120)
+             "MLFLOW_TRACKING_URI": registry.tracking_uri, **env}, timeout=120)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -182,6 +183,55 @@ def test_predict_gives_the_same_answer_through_mlflows_client(
     assert "mlflow" in sys.modules
     assert through_mlflow.out == direct.out
     assert through_mlflow.err == direct.err  # the same version and run are named
+
+
+def test_the_verified_revision_is_the_one_mlflow_creates(registry: Registry) -> None:
+    """The tests above ran on a store of this revision: the reader is verified on it."""
+    with contextlib.closing(sqlite3.connect(registry.root / "mlflow.db")) as db:
+        revision = db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    assert revision in registry_reader.VERIFIED_REVISIONS, (
+        f"MLflow now creates schema revision {revision}: if the differential tests above pass "
+        "on it, add it to registry_reader.VERIFIED_REVISIONS")
+
+
+def _with_revision(registry: Registry, tmp_path: Path, revision: str) -> str:
+    """A copy of the registry's store (the same model files) at another schema revision."""
+    copy = tmp_path / "mlflow.db"
+    shutil.copy(registry.root / "mlflow.db", copy)
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+        db.commit()
+    return f"sqlite:///{copy}"
+
+
+def test_a_schema_revision_not_verified_is_left_to_mlflow(registry: Registry,
+                                                          tmp_path: Path) -> None:
+    """The tables still read the same, but only MLflow's client may judge another schema."""
+    np.save(registry.root / "x.npy", registry.X[:3])
+    args = ("x.npy", "--json", "--params", str(registry.params))
+    verified = _with_revision(registry, tmp_path, registry_reader.VERIFIED_REVISIONS[0])
+    assert _predict(registry, *args, MLFLOW_TRACKING_URI=verified)[1].endswith("False 0\n")
+    unknown = _with_revision(registry, tmp_path, "0123456789ab")
+    code, out, err = _predict(registry, *args, MLFLOW_TRACKING_URI=unknown)
+    assert out.splitlines()[-1] == "True 3", err  # MLflow answered, and refused the schema
+    assert "0123456789ab" in err and "mlflow db upgrade" in err and "Traceback" not in err
+    with pytest.raises(registry_reader.Unsupported, match="schema revision 0123456789ab"):
+        registry_reader.open_registry(unknown).aliases(MODEL_NAME)
+
+
+def test_the_switch_turns_the_reader_off(registry: Registry,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    np.save(registry.root / "x.npy", registry.X[:3])
+    args = ("x.npy", "--json", "--params", str(registry.params))
+    direct = _predict(registry, *args)
+    through_mlflow = _predict(registry, *args, FMNIST_REGISTRY_READER="0")
+    assert direct[1].splitlines()[-1] == "False 0"
+    assert through_mlflow[1].splitlines()[-1] == "True 0", through_mlflow[2]
+    assert through_mlflow[1].replace("True 0", "False 0") == direct[1]  # the same predictions
+    assert through_mlflow[2] == direct[2]  # of the same version and run
+    monkeypatch.setenv("FMNIST_REGISTRY_READER", "0")
+    with pytest.raises(registry_reader.Unsupported, match="FMNIST_REGISTRY_READER"):
+        registry_reader.open_registry(registry.tracking_uri)
 
 
 @pytest.mark.parametrize(("uri", "message"), [

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.support import models
+from pipeline.support import model_files, model_loader
 from tests.repo_copy import Repo, make_repo
 from tests.synthetic import REPO_ROOT
 
@@ -26,13 +26,13 @@ SAVE_IN_A_NEW_PROCESS = """
 import json
 import sys
 import numpy as np
-from pipeline.support import models
+from pipeline.support import estimators, model_files
 rng = np.random.default_rng(0)
 X = rng.integers(0, 256, size=(300, 784), dtype=np.uint8)
 y = np.repeat(np.arange(10, dtype=np.uint8), 30)
-model = models.build(json.loads(sys.argv[2]))
-models.fit(model, X, y, X[:50], y[:50])
-models.save(model, sys.argv[1])
+model = estimators.build(json.loads(sys.argv[2]))
+estimators.fit(model, X, y, X[:50], y[:50])
+model_files.save(model, sys.argv[1])
 """
 
 KINDS = ["softmax", "sklearn_logreg"]  # the config groups of conf/model/
@@ -67,16 +67,16 @@ def test_reproducible_model_file_loads_with_skops_and_mlflow(tmp_path: Path) -> 
 
     _save_in_new_process(tmp_path / "model.skops", "softmax")
     path = tmp_path / "model.skops"
-    assert sorted(skops.io.get_untrusted_types(file=path)) == sorted(models.TRUSTED_TYPES)
-    loaded = skops.io.load(path, trusted=models.TRUSTED_TYPES)
+    assert sorted(skops.io.get_untrusted_types(file=path)) == sorted(model_files.TRUSTED_TYPES)
+    loaded = skops.io.load(path, trusted=model_files.TRUSTED_TYPES)
     X = np.random.default_rng(1).integers(0, 256, size=(20, 784), dtype=np.uint8)
     expected = loaded.predict_proba(X)
-    assert np.array_equal(models.load(path).predict_proba(X), expected)
+    assert np.array_equal(model_loader.load(path).predict_proba(X), expected)
 
     # An MLflow model directory whose model file is the reproducible archive.
     mlflow_dir = tmp_path / "mlflow-model"
     mlflow.sklearn.save_model(loaded, str(mlflow_dir), serialization_format="skops",
-                              skops_trusted_types=models.TRUSTED_TYPES)
+                              skops_trusted_types=model_files.TRUSTED_TYPES)
     (mlflow_dir / "model.skops").write_bytes(path.read_bytes())
     from_mlflow = mlflow.sklearn.load_model(str(mlflow_dir))
     assert np.array_equal(from_mlflow.predict_proba(X), expected)

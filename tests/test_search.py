@@ -56,14 +56,14 @@ def test_a_bad_search_space_names_the_key(change, key):
 
 
 def test_suggestions_stay_inside_the_space_and_are_valid_models():
-    from pipeline.support import models
+    from pipeline.support import estimators
 
     space = search.parse(committed(), MODEL)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
         params = search.suggest(trial, space)
-        models.check_params({**MODEL, **params})
+        estimators.check_params({**MODEL, **params})
         for dimension in space.dimensions:
             value = params[dimension.name]
             if dimension.type == "categorical":

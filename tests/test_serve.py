@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.support import models
+from pipeline.support import model_loader
 from tests.repo_copy import BIN, MODEL_NAME, Repo
 from tests.test_predict import trained_repo
 
@@ -154,7 +154,7 @@ CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
 def _expected(repo: Repo, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     registration = repo.json("models/registration.json")
     assert registration["champion_after"]["run_id"] == repo.json("models/run.json")["run_id"]
-    champion = models.load(repo.root / "models" / "model.skops")  # that run's model file
+    champion = model_loader.load(repo.root / "models" / "model.skops")  # that run's model file
     return champion.predict(X), champion.predict_proba(X)
 
 

@@ -1,6 +1,6 @@
 """skops's table of default-trusted types, kept once per environment: the same table, reused.
 
-`models.import_skops` hands skops a copy of the table it would otherwise rebuild in every
+`model_files.import_skops` hands skops a copy of the table it would otherwise rebuild in every
 process. The copy must be exactly skops's own table, and a copy from other package versions must
 be ignored.
 """
@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from pipeline.support import models
+from pipeline.support import model_files
 from tests.synthetic import REPO_ROOT
 
 TABLE = """
@@ -32,7 +32,7 @@ def _table(setup: str) -> dict:
 
 
 def test_the_kept_table_is_skops_own_and_is_reused() -> None:
-    via_pipeline = "from pipeline.support import models; models.import_skops()"
+    via_pipeline = "from pipeline.support import model_files; model_files.import_skops()"
     _table(via_pipeline)  # keeps the table if it was not kept yet
     scanned = _table("import skops.io")
     reused = _table(via_pipeline)
@@ -43,15 +43,15 @@ def test_the_kept_table_is_skops_own_and_is_reused() -> None:
 
 
 def test_a_table_of_other_versions_is_ignored() -> None:
-    path, key = models._trusted_types_cache()
-    _table("from pipeline.support import models; models.import_skops()")
+    path, key = model_files._trusted_types_cache()
+    _table("from pipeline.support import model_files; model_files.import_skops()")
     kept = path.read_text()
     try:
         stale = json.loads(kept)
         stale["key"] = "skops==0.0.1"
         stale["names"]["SKLEARN_ESTIMATOR_TYPE_NAMES"] = ["builtins.eval"]
         path.write_text(json.dumps(stale))
-        table = _table("from pipeline.support import models; models.import_skops()")
+        table = _table("from pipeline.support import model_files; model_files.import_skops()")
         assert not table["from_copy"]
         assert "builtins.eval" not in table["names"]["SKLEARN_ESTIMATOR_TYPE_NAMES"]
         assert json.loads(path.read_text())["key"] == key  # replaced by this version's table

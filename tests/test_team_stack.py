@@ -138,7 +138,7 @@ def _the_rest_reader_agrees_with_mlflow(team: Team, client, name: str, tmp_path:
     """What `predict` reads without MLflow's client (registry_reader) is what MLflow reads."""
     import mlflow.artifacts
 
-    from pipeline.support import models, registry_reader
+    from pipeline.support import model_loader, registry_reader
 
     rest = registry_reader.open_registry(team.env["MLFLOW_TRACKING_URI"])
     assert isinstance(rest, registry_reader.RestRegistry)
@@ -152,7 +152,7 @@ def _the_rest_reader_agrees_with_mlflow(team: Team, client, name: str, tmp_path:
                                                           dst_path=str(tmp_path)))
     for file in ("MLmodel", "model.skops"):
         assert record.read(file, 1 << 20) == (downloaded / file).read_bytes()
-    loaded = models.load_model_files(record.read, f"models:/{name}/2")
+    loaded = model_loader.load_model_files(record.read, f"models:/{name}/2")
     assert loaded.predict([[3.0]]).tolist() == [1]
 
 

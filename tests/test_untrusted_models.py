@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.estimator import SoftmaxRegression
-from pipeline.support import models
+from pipeline.support import model_files, model_loader
 from tests.repo_copy import MODEL_NAME
 from tests.synthetic import REPO_ROOT, data_params, make_dataset, write_params
 
@@ -124,8 +124,8 @@ def test_serve_refuses_the_pickled_champion_before_starting(crafted: CraftedStor
 
 def test_the_loader_checks_the_mlmodel_file_before_downloading_the_model(
         crafted: CraftedStore) -> None:
-    with pytest.raises(models.UntrustedModelError, match="cloudpickle"):
-        models.load_model_uri(f"runs:/{crafted.run_id}/model", crafted.tracking_uri)
+    with pytest.raises(model_loader.UntrustedModelError, match="cloudpickle"):
+        model_loader.load_model_uri(f"runs:/{crafted.run_id}/model", crafted.tracking_uri)
     assert not crafted.marker.exists()
 
 
@@ -140,8 +140,8 @@ def test_the_loader_checks_the_mlmodel_file_before_downloading_the_model(
      "no usable model file"),
 ])
 def test_what_an_mlmodel_file_may_declare(flavors: dict, found: str) -> None:
-    with pytest.raises(models.UntrustedModelError, match="models:/m/1") as refused:
-        models.trusted_model_file("models:/m/1", flavors)
+    with pytest.raises(model_loader.UntrustedModelError, match="models:/m/1") as refused:
+        model_loader.trusted_model_file("models:/m/1", flavors)
     assert found in str(refused.value)
 
 
@@ -157,6 +157,33 @@ def test_a_model_the_pipeline_logged_loads(tmp_path: Path) -> None:
     experiment = mlflow.MlflowClient().create_experiment("loader")
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.sklearn.log_model(estimator, name="model", serialization_format="skops",
-                                 skops_trusted_types=models.TRUSTED_TYPES)
-    loaded = models.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
+                                 skops_trusted_types=model_files.TRUSTED_TYPES)
+    loaded = model_loader.load_model_uri(f"runs:/{run.info.run_id}/model", uri)
     assert np.array_equal(loaded.predict(X), estimator.predict(X))
+
+
+@pytest.mark.parametrize("loader", ["pipeline.support.model_loader", "pipeline.support.serving"])
+def test_versions_logged_with_either_loader_name_load(tmp_path: Path, loader: str) -> None:
+    """Versions logged before the loader moved name `pipeline.support.serving` in their MLmodel:
+    MLflow's pyfunc loader and serve's checked loader still load them."""
+    import mlflow
+    import yaml
+
+    from pipeline.support import pyfunc_model
+
+    X, y = make_dataset(10, seed=3)
+    X = X.reshape(len(X), 784)
+    estimator = SoftmaxRegression(epochs=2, random_state=0).fit(X, y)
+    folder = tmp_path / "model"
+    pyfunc_model.save_model(estimator, str(folder), mlflow.models.Model(),
+                            class_names=[f"c{i}" for i in range(10)],
+                            skops_trusted_types=model_files.TRUSTED_TYPES)
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    assert meta["flavors"]["python_function"]["loader_module"] == pyfunc_model.LOADER_MODULE
+    meta["flavors"]["python_function"]["loader_module"] = loader
+    (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+    expected = [f"c{label}" for label in estimator.predict(X)]
+    pyfunc = mlflow.pyfunc.load_model(str(folder))
+    assert pyfunc.predict(X)["class_name"].tolist() == expected
+    served = model_loader.load_served_model(str(folder))
+    assert served.predict(X)["class_name"].tolist() == expected

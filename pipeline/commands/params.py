@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, models
+from pipeline.support import config, estimators
 from pipeline.support.workspace import CONFIG_DIR
 
 CONFIG_NAME = "config"
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"params: {output} is up to date")
         return 0
     try:
-        models.check_params(config.validate(yaml.safe_load(text)).model)
+        estimators.check_params(config.validate(yaml.safe_load(text)).model)
     except config.ConfigError as exc:
         print(f"params: error: {CONFIG_DIR}/ composes to an invalid configuration: {exc}",
               file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, models, search, store, tracking
+from pipeline.support import config, estimators, search, store, tracking
 from pipeline.support.locks import redacted
 from pipeline.support.outputs import Outputs
 from pipeline.support.workspace import project_root
@@ -75,7 +75,7 @@ def compose(overrides: Sequence[str]) -> tuple[config.Config, search.SearchSpace
         raise config.ConfigError(f"cannot compose conf/ with {list(overrides)}: {exc}") from None
     raw_search = raw.pop("search", None)
     cfg = config.validate(raw)
-    models.check_params(cfg.model)
+    estimators.check_params(cfg.model)
     return cfg, search.parse(raw_search, cfg.model)
 
 
@@ -173,7 +173,7 @@ class _Trainer:
 
         plan = self.plan
         model = {**plan.cfg.model, **search.suggest(trial, plan.space)}
-        spec = models.check_params(model)  # the typed check, before anything trains
+        spec = estimators.check_params(model)  # the typed check, before anything trains
         run = mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=plan.parent_run_id,
                                tags={"optuna_study": plan.study, "optuna_trial": str(trial.number),
                                      "model": spec.kind, "source": "tune",
@@ -196,8 +196,8 @@ class _Trainer:
                         f"{record[plan.space.epoch_key]:.4f} lags the other trials")
 
             started = time.perf_counter()
-            estimator = models.build(spec)
-            models.fit(estimator, *self.train, *self.val, on_epoch)
+            estimator = estimators.build(spec)
+            estimators.fit(estimator, *self.train, *self.val, on_epoch)
             fit_seconds = time.perf_counter() - started
             X_val, y_val = self.val
             evaluation = evaluate_predictions(y_val, estimator.predict_proba(X_val),
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tracking.fail_runs_on_sigterm()
     try:
         cfg, space = compose(args.overrides)
-        study = args.study or f"{cfg.mlflow.experiment}-{models.check_params(cfg.model).kind}"
+        study = args.study or f"{cfg.mlflow.experiment}-{estimators.check_params(cfg.model).kind}"
         return tune(cfg, space, args.trials, args.workers, args.timeout, study, args.seed)
     except tracking.expected_errors() as exc:
         print(f"tune: error: {tracking.explain(exc)}", file=sys.stderr)

@@ -30,6 +30,7 @@ from pipeline.core.files import (
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (count, rows, columns)
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (count)
 IMAGE_SHAPE = (28, 28)
+N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # one image, flattened as the models see it
 GZIP_MAGIC = b"\x1f\x8b"
 _UBYTE = 0x08
 

@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.files import atomic_write_text, write_npz
-from pipeline.core.idx import read_idx
+from pipeline.core.idx import N_PIXELS, read_idx
 
 N_CLASSES = 10
-N_PIXELS = 28 * 28
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 

@@ -81,9 +81,9 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
     import mlflow
 
     from pipeline.core.metrics import evaluate_predictions
-    from pipeline.support import models
+    from pipeline.support import model_loader
 
-    model = models.load(out.model)
+    model = model_loader.load(out.model)
     class_names = list(cfg.data.class_names)
     results: dict[str, dict[str, float]] = {}
     with tracking.resume(run_id, allow_failed=True):

@@ -44,14 +44,14 @@ def train(cfg: config.Config, out: Outputs, source: str,
     from tqdm import tqdm
 
     from pipeline.core.estimator import HISTORY_KEYS
-    from pipeline.support import figures, models, serving
+    from pipeline.support import estimators, figures, model_files, pyfunc_model
 
     check_manifest(cfg.data.split_dir, cfg.data.val_size, cfg.data.seed,
                    {key: spec.md5 for key, spec in cfg.data.files.items()})
     X, y = load_split(cfg.data.split_dir, "train")
     X_val, y_val = load_split(cfg.data.split_dir, "val")
-    spec = models.check_params(cfg.model)
-    estimator = models.build(spec)
+    spec = estimators.check_params(cfg.model)
+    estimator = estimators.build(spec)
     resolved = dataclasses.asdict(cfg)
     commit, dirty = tracking.git_commit()
     data_version = tracking.data_version(cfg.data)
@@ -83,10 +83,10 @@ def train(cfg: config.Config, out: Outputs, source: str,
 
         started = time.perf_counter()
         with bar:
-            history = models.fit(estimator, X, y, X_val, y_val, on_epoch)
+            history = estimators.fit(estimator, X, y, X_val, y_val, on_epoch)
         seconds = time.perf_counter() - started
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
-        best = models.best_epoch(estimator, history)
+        best = estimators.best_epoch(estimator, history)
         final = next(row for row in history if row["epoch"] == best)
         summary = {
             "train_seconds": seconds,
@@ -108,12 +108,12 @@ def train(cfg: config.Config, out: Outputs, source: str,
         for path in (out.learning_curves, out.history):
             mlflow.log_artifact(str(path), artifact_path="training")
 
-        models.save(estimator, out.model)
-        info = serving.log_model(
+        model_files.save(estimator, out.model)
+        info = pyfunc_model.log_model(
             estimator,
             cfg.data.class_names,
             input_example=X[:2],
-            pip_requirements=models.pip_requirements(),
+            pip_requirements=model_files.pip_requirements(),
             code_paths=[str(Path(__file__).parents[1])],
         )
         record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
@@ -126,9 +126,9 @@ def train(cfg: config.Config, out: Outputs, source: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     def check_model(cfg: config.Config) -> None:
-        from pipeline.support import models
+        from pipeline.support import estimators
 
-        models.check_params(cfg.model)
+        estimators.check_params(cfg.model)
 
     def body(cfg: config.Config) -> None:
         train(cfg, Outputs(), "dvc")

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.core.idx import IdxFormatError, read_idx
 from pipeline.core.split import N_CLASSES, DatasetError, check_val_size
-from pipeline.support import config, models
+from pipeline.support import config, estimators
 
 # `make params` first: after `dvc exp run -S`, git may not notice the change (same size and a
 # refreshed index), and `git checkout params.yaml` then silently does nothing.
@@ -45,7 +45,7 @@ def official_class_counts(data: config.DataConfig) -> np.ndarray | None:
 
 def check(cfg: config.Config) -> str:
     """Every problem that a later stage would meet in the configuration, as a ConfigError."""
-    spec = models.check_params(cfg.model)
+    spec = estimators.check_params(cfg.model)
     counts = official_class_counts(cfg.data)
     n_official = int(counts.sum()) if counts is not None else config.N_OFFICIAL_TRAIN
     if counts is not None:

@@ -126,7 +126,7 @@ class MlflowConfig:
 class Config:
     data: DataConfig = MISSING
     # `_target_` and the estimator's own parameters, checked by the estimator's own rules
-    # (`pipeline.support.models.check_params`, which only the stages that train call, so that
+    # (`pipeline.support.estimators.check_params`, which only the stages that train call, so that
     # download and split do not depend on the estimator's code): no second copy lives here.
     model: dict[str, Any] = MISSING
     mlflow: MlflowConfig = MISSING

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.support import models
+from pipeline.support import estimators
 from pipeline.support.config import ConfigError
 
 # objective -> (direction, the per-epoch history key reported to the pruner)
@@ -118,11 +118,11 @@ def parse(raw: Any, model: dict[str, Any]) -> SearchSpace:
     if not isinstance(space, dict) or not space:
         _fail("search.space", space, "a non-empty mapping of model parameters to ranges")
     dimensions = tuple(_dimension(str(name), value) for name, value in space.items())
-    base = models.check_params(model)
+    base = estimators.check_params(model)
     for dimension in dimensions:
         for value in dimension.extremes():
             try:
-                models.check_params({"_target_": base.target, **base.params,
+                estimators.check_params({"_target_": base.target, **base.params,
                                      dimension.name: value})
             except ConfigError as exc:
                 raise ConfigError(f"search.space.{dimension.name}: {exc}") from None

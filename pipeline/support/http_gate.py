@@ -1,0 +1,139 @@
+"""The gate in front of MLflow's scoring app: bounded bodies, strict pixels, short errors.
+
+MLflow's own server (`mlflow models serve`) casts whatever JSON it gets to the signature's uint8,
+so 0.5 becomes 0 and "7" becomes 7, reads bodies of any size and echoes the request in its
+errors. `Gate` wraps the same ASGI app and refuses, with a one-line reason under 1 KB: bodies over
+the size limit (413), anything but JSON `inputs`/`instances` of integer pixels 0-255 in shape
+(n, 784) or (n, 28, 28) (400), checked by `pipeline.core.images`, the rule `predict` follows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pipeline.core.idx import N_PIXELS
+from pipeline.core.images import PixelError, json_pixels
+from pipeline.support.pyfunc_model import check_top_k
+
+MAX_ERROR_BYTES = 1024
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def error_body(status: int, message: str) -> bytes:
+    """MLflow's error format, cut to one line and under MAX_ERROR_BYTES."""
+    code = {400: "BAD_REQUEST", 413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}.get(
+        status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+    line = " ".join(str(message).split())[:MAX_ERROR_BYTES // 2]
+    return json.dumps({"error_code": code, "message": line}).encode()
+
+
+class Gate:
+    """ASGI middleware in front of MLflow's scoring app: bounded, strict `/invocations`."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/invocations":
+            await self.app(scope, receive, send)
+            return
+        body, refusal = await self._read(scope, receive)
+        if refusal is None:
+            body, refusal = self._check(scope, body)
+        if refusal is not None:
+            await _respond(send, *refusal)
+            return
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, _bounded_errors(send))
+
+    async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, tuple[int, str] | None]:
+        limit = self.max_body_bytes
+        too_large = (413, f"request body over the server's limit of {limit} bytes "
+                          "(--max-body-mb); send fewer images per request")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > limit:
+            return b"", too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", (400, "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+    def _check(self, scope: Scope, body: bytes) -> tuple[bytes, tuple[int, str] | None]:
+        """The body to pass on (images flattened to (n, 784)), or the refusal."""
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip()
+        if content_type != b"application/json":
+            return body, (415, f"content type {content_type.decode(errors='replace')!r}: send "
+                               "application/json with {\"inputs\": [[pixel, ...], ...]}")
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return body, (400, f"the body is not valid JSON: {exc}")
+        keys = sorted(request) if isinstance(request, dict) else []
+        data_keys = [key for key in keys if key in ("inputs", "instances")]
+        if len(data_keys) != 1 or set(keys) - {"inputs", "instances", "params"}:
+            return body, (400, "expected a JSON object with `inputs` (or `instances`) and "
+                               f"optionally `params`, got keys {keys}")
+        try:
+            # JSON true/false anywhere in the body sends the pixels to the exact type check.
+            images = json_pixels(request[data_keys[0]],
+                                 may_hold_booleans=b"true" in body or b"false" in body)
+            check_top_k(request.get("params"))
+        except PixelError as exc:
+            return body, (400, str(exc))
+        if len(request[data_keys[0]][0]) != N_PIXELS:  # (n, 28, 28): flatten for MLflow
+            body = json.dumps({**request, data_keys[0]: images.tolist()}).encode()
+        return body, None
+
+
+async def _respond(send: Send, status: int, message: str) -> None:
+    body = error_body(status, message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _bounded_errors(send: Send) -> Send:
+    """MLflow's error answers may quote the request or a stack trace: keep their first line."""
+    status = 200
+
+    async def bounded(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            if status < 400:
+                await send(message)
+            return
+        if status < 400:
+            await send(message)
+            return
+        try:
+            text = json.loads(message.get("body", b"")).get("message", "")
+        except (ValueError, AttributeError):
+            text = message.get("body", b"").decode(errors="replace")
+        await _respond(send, status, text.splitlines()[0] if text else "error")
+
+    return bounded
