@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,21 +18,8 @@ import yaml
 
 from pipeline.core.files import atomic_write_text
 from pipeline.support import config, models
+from pipeline.support.composition import CONFIG_NAME, compose
 from pipeline.support.workspace import CONFIG_DIR
-
-CONFIG_NAME = "config"
-
-
-def compose(root: Path, overrides: Sequence[str] = ()) -> str:
-    """The text of params.yaml for the conf/ under `root`, with Hydra `overrides` applied."""
-    from dvc.utils.hydra import compose_and_dump  # imports Hydra; slow, so only when needed
-
-    root = root.resolve()
-    with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "params.yaml"
-        compose_and_dump(output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root),
-                         list(overrides))
-        return output.read_text()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,9 +44,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from pipeline.core.extra import read_png
 from pipeline.core.files import MAX_ARRAY_FILE_BYTES, FileRefusedError, open_regular, read_bounded
 from pipeline.core.idx import IMAGE_SHAPE, IdxFormatError, read_idx
+from pipeline.core.labelled_images import read_png
 from pipeline.support import config, models, registry_reader, store
 
 EXIT_INPUT = 1

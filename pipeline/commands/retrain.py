@@ -54,7 +54,7 @@ from typing import TextIO
 from pipeline.support import config, store
 from pipeline.support.locks import LockBusy, exclusive_lock, timestamp
 from pipeline.support.outputs import Outputs
-from pipeline.support.registration import Outcome, describe, parse_registration
+from pipeline.support.registration_file import Outcome, describe, parse_registration
 from pipeline.support.workspace import (
     CONFIG_DIR,
     EXTRA_DVC_FILE,

@@ -32,8 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, models, search, store, tracking
-from pipeline.support.locks import redacted
+from pipeline.support import composition, config, models, search, store, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.workspace import project_root
 
@@ -65,12 +64,10 @@ def storage_url() -> str:
 
 def compose(overrides: Sequence[str]) -> tuple[config.Config, search.SearchSpace]:
     """conf/ + the search group + overrides, checked: ConfigError names the bad key."""
-    from pipeline.commands.params import compose as compose_conf
-
     chosen = any(o.lstrip("+~").startswith("search=") for o in overrides)
     extra = [] if chosen else [f"+search={DEFAULT_SEARCH}"]
     try:
-        raw = yaml.safe_load(compose_conf(project_root(), [*extra, *overrides]))
+        raw = yaml.safe_load(composition.compose(project_root(), [*extra, *overrides]))
     except Exception as exc:  # Hydra raises several types for a bad override or group
         raise config.ConfigError(f"cannot compose conf/ with {list(overrides)}: {exc}") from None
     raw_search = raw.pop("search", None)
@@ -155,8 +152,8 @@ def load_study(plan: Plan, sampler_seed: int | None = None) -> Any:
 # ---------------------------------------------------------------------------- one trial
 
 
-class _Trainer:
-    """One worker's data (loaded once) and the objective it runs for each trial."""
+class Objective:
+    """The Optuna objective of one worker: its data, loaded once, and one trial per call."""
 
     def __init__(self, plan: Plan):
         from pipeline.core.split import load_split
@@ -232,7 +229,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
 
     tracking.fail_runs_on_sigterm()
     store.connect(plan.cfg.mlflow)
-    trainer = _Trainer(plan)
+    objective = Objective(plan)
     shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
     study = load_study(plan, worker_seed(plan.seed, worker, plan.trials_before, shared))
     while plan.deadline is None or time.time() < plan.deadline:
@@ -241,7 +238,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
                 return
             tickets.value -= 1
         try:
-            study.optimize(trainer, n_trials=1,
+            study.optimize(objective, n_trials=1,
                            catch=(TrainingDivergedError, config.ConfigError),
                            callbacks=[lambda _, trial: _report(worker, trial, plan.space)])
         except KeyboardInterrupt:  # Ctrl-C: Optuna and MLflow have marked the trial FAIL(ED)
@@ -266,9 +263,9 @@ def create_study(name: str, url: str, space: search.SearchSpace) -> Any:
                                 direction=space.direction, load_if_exists=True)
     if study.direction.name.lower() != space.direction:
         raise config.ConfigError(
-            f"study {name!r} in {redacted(url)} was created to {study.direction.name.lower()}, "
-            f"but search.objective={space.objective!r} needs {space.direction}; "
-            "choose another --study name")
+            f"study {name!r} in {store.redact_url(url)} was created to "
+            f"{study.direction.name.lower()}, but search.objective={space.objective!r} needs "
+            f"{space.direction}; choose another --study name")
     study.set_user_attr("objective", space.objective)
     return study
 
@@ -334,7 +331,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages import evaluate, register, train
-    from pipeline.support.run_summary import format_run_summary
+    from pipeline.support.summary_table import format_run_summary
 
     url = storage_url()
     study = create_study(study_name, url, space)
@@ -346,7 +343,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     commit, dirty = tracking.git_commit()
     parent = client.create_run(
         experiment.experiment_id, run_name=f"tune-{study_name}-from-trial-{before}",
-        tags={"optuna_study": study_name, "optuna_storage": redacted(url), "source": "tune",
+        tags={"optuna_study": study_name, "optuna_storage": store.redact_url(url), "source": "tune",
               "git_commit": commit, "git_dirty": str(dirty).lower(), "model": "study"})
     parent_id = parent.info.run_id
     client.log_dict(parent_id, {"objective": space.objective, "pruner": space.pruner,
@@ -357,7 +354,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
         client.log_param(parent_id, key, value)
     deadline = None if timeout is None else time.time() + timeout
     plan = Plan(cfg, space, study_name, url, parent_id, seed, deadline, before)
-    print(f"tune: study {study_name!r} in {redacted(url)} ({before} trials so far); "
+    print(f"tune: study {study_name!r} in {store.redact_url(url)} ({before} trials so far); "
           f"{n_trials} trials on {n_workers} workers; MLflow parent run {parent_id}",
           file=sys.stderr, flush=True)
     started = time.perf_counter()

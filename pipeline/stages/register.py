@@ -42,7 +42,7 @@ from pipeline.core.promotion import decide
 from pipeline.support import config, store, tracking
 from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
-from pipeline.support.registration import describe, registration_from_record
+from pipeline.support.registration_file import describe, registration_from_record
 from pipeline.support.stage import stage_main
 from pipeline.support.store import CHALLENGER, CHAMPION
 

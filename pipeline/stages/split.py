@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.extra import ExtraDataError, load_extra
 from pipeline.core.files import md5sum
 from pipeline.core.idx import IdxFormatError
+from pipeline.core.labelled_images import ExtraDataError, load_extra
 from pipeline.core.split import (
     DatasetError,
     build_manifest,

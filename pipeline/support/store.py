@@ -101,6 +101,15 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return uri
 
 
+def redact_url(url: str) -> str:
+    """A database or server URL without its password, for messages and tags."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def is_local(uri: str) -> bool:
     return urlsplit(uri).scheme in ("sqlite", "file", "")
 

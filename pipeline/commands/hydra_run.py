@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.stages import evaluate, register, train, validate
 from pipeline.support import config, store, tracking
 from pipeline.support.outputs import Outputs
-from pipeline.support.run_summary import format_run_summary
+from pipeline.support.summary_table import format_run_summary
 from pipeline.support.workspace import CONFIG_DIR
 
 # An absolute path: Hydra would read a relative one as a Python package when this function is
@@ -94,7 +94,7 @@ class RegisterBestPoint(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.support.config import validate
-        from pipeline.support.registration import describe, registration_from_record
+        from pipeline.support.registration_file import describe, registration_from_record
 
         cfg = validate({key: OmegaConf.to_container(config[key], resolve=True)
                                for key in config if key != "hydra"})
