@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import (
     MAX_IMAGE_FILE_BYTES,
     FileRefusedError,
@@ -62,7 +63,7 @@ from pipeline.support.workspace import (
 )
 
 
-class AddDataError(Exception):
+class AddDataError(PipelineError):
     """Nothing (more) can be done; the message says why and what to do."""
 
 

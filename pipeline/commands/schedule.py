@@ -40,6 +40,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write_text
 from pipeline.support.workspace import RETRAIN_LOG, CommandError, find_repo_root
 
@@ -57,7 +58,7 @@ VENV_PYTHON = Path(".venv") / "bin" / "python"  # the Makefile's virtualenv, fro
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 
 
-class ScheduleError(Exception):
+class ScheduleError(PipelineError):
     """Cannot (un)install the schedule; the message says what to do instead."""
 
 

@@ -11,7 +11,8 @@ and runs trials until the invocation's budget is spent; every trial is a child M
 invocation's parent run, with its parameters, learning curves, validation metrics and validation
 confusion matrix, and no model. Selection is on validation only: at the end the study's best
 trial is retrained through the train stage, evaluated once on test and offered to the champion
-rule by the register stage, so one invocation adds at most one model version.
+rule by the register stage (`pipeline.stage_chain`, as the direct Hydra run does), so one
+invocation adds at most one model version.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import composition, config, models, search, store, tracking
+from pipeline.support import composition, config, errors, models, search, store, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.workspace import project_root
 
@@ -212,7 +213,7 @@ class Objective:
             status = "KILLED"
             raise
         except Exception as exc:
-            reason = tracking.explain(exc)
+            reason = errors.explain(exc)
             trial.set_user_attr("fail_reason", reason)
             mlflow.set_tags({"optuna_state": "FAIL", "failure_reason": reason})
             raise
@@ -330,7 +331,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages import evaluate, register, train
+    from pipeline.stage_chain import run_chain
     from pipeline.support.summary_table import format_run_summary
 
     url = storage_url()
@@ -403,17 +404,16 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     best_cfg = dataclasses.replace(cfg, model=best_model)
     out = Outputs(folder)
     try:
-        record = train.train(best_cfg, out, "tune")
-        client.set_tag(record["run_id"], "optuna_study", study_name)
-        client.set_tag(record["run_id"], "optuna_trial", str(best.number))
-        client.set_tag(record["run_id"], "tune_parent_run_id", parent_id)
-        evaluate.run(best_cfg, out, record["run_id"])
-        registration = register.run(best_cfg, out, record["run_id"], record["model_uri"])
+        chained = run_chain(best_cfg, out, "tune", tags={
+            "optuna_study": study_name, "optuna_trial": str(best.number),
+            "tune_parent_run_id": parent_id})
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    client.set_tag(parent_id, "best_run_id", record["run_id"])
-    client.set_tag(parent_id, "registered_version", registration["candidate"]["version"])
+    assert chained.registration is not None
+    client.set_tag(parent_id, "best_run_id", chained.run["run_id"])
+    client.set_tag(parent_id, "registered_version",
+                   chained.registration["candidate"]["version"])
     client.set_terminated(parent_id, "FINISHED")
     print(format_run_summary(out))
     print(f"tune: best trial {best.number} ({space.objective}={best.value:.4f}); its config: "
@@ -433,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the samplers (in a shared $OPTUNA_STORAGE, mixed with "
                              "the invocation so that machines never draw the same points)")
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search.pruner=none")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
@@ -442,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, space = compose(args.overrides)
         study = args.study or f"{cfg.mlflow.experiment}-{models.check_params(cfg.model).kind}"
         return tune(cfg, space, args.trials, args.workers, args.timeout, study, args.seed)
-    except tracking.expected_errors() as exc:
-        print(f"tune: error: {tracking.explain(exc)}", file=sys.stderr)
+    except errors.expected() as exc:
+        errors.report("tune", exc, args.debug)
         return 1
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import MAX_IMAGE_FILE_BYTES, read_bounded
 
 IMAGE_SIZE = (28, 28)  # width, height
@@ -49,7 +50,7 @@ class ExtraProblem:
         return f"{self.path}: {self.message}"
 
 
-class ExtraDataError(ValueError):
+class ExtraDataError(PipelineError, ValueError):
     """The extra folder cannot be used; `problems` lists everything that is wrong with it."""
 
     def __init__(self, problems: Sequence[ExtraProblem]):

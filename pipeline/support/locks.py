@@ -17,15 +17,18 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from pipeline.core.errors import PipelineError
 from pipeline.support.store import redact_url
 
 
-class LockBusy(Exception):
+class LockBusy(PipelineError):
     """Another process holds the lock; the message says who, as far as the lock file knows."""
 
 
-def timestamp() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+def timestamp(when: float | None = None) -> str:
+    """Local time to the second, with its UTC offset; now, or at `when` (seconds since epoch)."""
+    moment = datetime.now() if when is None else datetime.fromtimestamp(when)
+    return moment.astimezone().isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
@@ -57,7 +60,7 @@ def exclusive_lock(
         os.close(fd)  # releases the flock
 
 
-class LockUnavailable(ConnectionError):
+class LockUnavailable(PipelineError, ConnectionError):
     """The database that holds a shared lock cannot be reached; nothing was changed."""
 
 
