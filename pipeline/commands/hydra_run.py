@@ -54,7 +54,7 @@ def main(raw: DictConfig) -> float | None:
             cfg = config.validate(OmegaConf.to_container(raw, resolve=True))
             validate.check(cfg)  # what the validate stage checks before `dvc repro` runs
         except config.ConfigError as exc:
-            raise config.ConfigError(f"conf/ with your overrides: {exc}") from None
+            raise config.ConfigError(f"conf/ with your overrides: {exc}") from exc
         store.connect(cfg.mlflow)
         tracking.fail_killed_runs(cfg.mlflow.experiment)
         # A sweep registers its best point only, when it ends.

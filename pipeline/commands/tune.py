@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: parallel workers, pruning, one MLflow parent run.
 
 Usage: python -m pipeline.tune [--trials 12] [--workers 2] [--timeout SECONDS] [--study NAME]
-                               [--seed 0] [HYDRA_OVERRIDE ...]
+                               [--seed 0] [--debug] [HYDRA_OVERRIDE ...]
 
 conf/ is composed with `+search=softmax` (conf/search/) and the overrides, and everything is
 checked before a worker starts. The study lives in $OPTUNA_STORAGE (a database URL: the team
