@@ -94,12 +94,15 @@ def test_every_error_class_of_the_project_is_a_pipeline_error() -> None:
     from pipeline.stages import split as split_stage
     from pipeline.support import config, locks, registration_file, store, tracking, workspace
 
-    classes = [estimator.TrainingDivergedError, files.FileRefusedError, idx.IdxFormatError,
-               labelled_images.ExtraDataError, split.DatasetError, download.FetchError,
-               register.RegistrationError, split_stage.StageError, config.ConfigError,
-               locks.LockBusy, locks.LockUnavailable, registration_file.RegistrationFileError,
-               store.StoreError, store.StoreUnavailable, tracking.RunFileError,
-               workspace.CommandError, add_data.AddDataError, schedule.ScheduleError]
+    classes = [
+        estimator.TrainingDivergedError, files.FileRefusedError, idx.IdxFormatError,
+        labelled_images.ExtraDataError, labelled_images.ImageError, split.DatasetError,
+        download.FetchError, register.RegistrationError, split_stage.StageError,
+        config.ConfigError, locks.LockBusy, locks.LockUnavailable,
+        registration_file.RegistrationFileError, store.StoreError, store.StoreUnavailable,
+        tracking.RunFileError, workspace.CommandError, add_data.AddDataError,
+        schedule.ScheduleError,
+    ]
     assert all(issubclass(cls, PipelineError) for cls in classes)
     # The older bases stay, for callers that caught those.
     assert issubclass(config.ConfigError, ValueError)
