@@ -105,7 +105,7 @@ def make_repo(root: Path, mirror: Path, n_train_per_class: int = 60, n_test_per_
     conf/data is rewritten and params.yaml composed from conf/ as `make params` would, so
     `dvc exp run -S ...` (which recomposes conf/) works on the copy too.
     """
-    from pipeline.commands.params import compose
+    from pipeline.support.composition import compose
 
     specs = write_archives(mirror, n_train_per_class=n_train_per_class,
                            n_test_per_class=n_test_per_class, seed=seed)

@@ -17,9 +17,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from pipeline.core.extra import class_folder_name, class_index
 from pipeline.core.files import md5sum
 from pipeline.core.idx import write_idx
+from pipeline.core.labelled_images import class_folder_name, class_index
 from pipeline.support.config import FILE_KEYS, FileSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.commands import add_data
-from pipeline.core.extra import load_extra
+from pipeline.core.labelled_images import load_extra
 from tests.conftest import Archives
 from tests.synthetic import (
     CLASS_NAMES,

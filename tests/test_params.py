@@ -9,18 +9,19 @@ import pytest
 import yaml
 
 from pipeline.commands import params
-from pipeline.support import config, estimators
+from pipeline.support import composition, config, estimators
 from tests.synthetic import REPO_ROOT
 
 
 def test_committed_params_equal_the_composition_of_conf() -> None:
-    composed = params.compose(REPO_ROOT)
+    composed = composition.compose(REPO_ROOT)
     assert (REPO_ROOT / "params.yaml").read_text() == composed, (
         "params.yaml is stale: run `make params` and commit it")
 
 
 def test_group_override_swaps_the_model_section() -> None:
-    composed = yaml.safe_load(params.compose(REPO_ROOT, ["model=sklearn_logreg", "model.C=0.5"]))
+    composed = yaml.safe_load(
+        composition.compose(REPO_ROOT, ["model=sklearn_logreg", "model.C=0.5"]))
     spec = estimators.check_params(config.validate(composed).model)
     assert spec.kind == "sklearn_logreg" and spec.params["C"] == 0.5
 
@@ -58,7 +59,7 @@ def test_a_run_logs_at_most_25_scalar_parameters(group: str) -> None:
     """What MLflow's compare page lists: the knobs, not class-name lists, mirrors or checksums."""
     from pipeline.support import tracking
 
-    cfg = config.validate(yaml.safe_load(params.compose(REPO_ROOT, [f"model={group}"])))
+    cfg = config.validate(yaml.safe_load(composition.compose(REPO_ROOT, [f"model={group}"])))
     spec = estimators.check_params(cfg.model)
     logged = tracking.run_params(cfg, spec.all_params, spec.target)
     assert len(logged) <= 25

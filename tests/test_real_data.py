@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.extra import load_extra
 from pipeline.core.files import md5sum
+from pipeline.core.labelled_images import load_extra
 from pipeline.core.split import build_manifest, load_official, make_split, write_split
 from pipeline.support import config
 from pipeline.support.workspace import mirror_directory

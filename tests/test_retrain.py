@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.commands import params as params_module
 from pipeline.commands import retrain
-from pipeline.support.registration import (
+from pipeline.support import composition
+from pipeline.support.registration_file import (
     ModelVersion,
     Registration,
     describe,
@@ -470,7 +470,7 @@ def test_cycle_composes_conf_into_params_before_the_other_steps(
     assert code == 0, err
     params = trained / "params.yaml"
     assert yaml.safe_load(params.read_text())["data"]["download"]["retries"] == 2
-    assert params.read_text() == params_module.compose(trained)
+    assert params.read_text() == composition.compose(trained)
     assert "params: wrote params.yaml from conf/" in out
     steps = [line for line in out.splitlines() if re.match(r"retrain: step \S+: ", line)]
     assert steps[0].startswith("retrain: step params: ")

@@ -123,9 +123,9 @@ def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
         assert refused.value.error_code == "PERMISSION_DENIED"
     with pytest.raises(MlflowException) as refused:  # what a READ user's `make train` meets
         reader.create_run(admin.get_experiment_by_name("fashion-mnist").experiment_id)
-    from pipeline.support import tracking
+    from pipeline.support import errors
 
-    explained = tracking.explain(refused.value)
+    explained = errors.explain(refused.value)
     assert explained.startswith("the MLflow tracking server refused user 'reader' this change")
     assert "make team-user NAME=reader PERMISSION=EDIT" in explained
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", team.env["MLFLOW_TRACKING_USERNAME"])

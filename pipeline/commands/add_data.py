@@ -2,10 +2,11 @@
 
 Usage: python -m pipeline.add_data DIR [--params params.yaml]
 
-DIR has the layout of the extra folder (`DIR/<class>/*.png`, see `pipeline.core.extra`). The
-whole of DIR is checked first and every problem is reported at once; if there is any, nothing is
-added. Each image then goes to `<extra_dir>/<canonical class folder>/` (`3/` and `Dress/` both go
-to `dress/`), so the folder names in the repository stay uniform:
+DIR has the layout of the extra folder (`DIR/<class>/*.png`, see
+`pipeline.core.labelled_images`). The whole of DIR is checked first and every problem is reported
+at once; if there is any, nothing is added. Each image then goes to
+`<extra_dir>/<canonical class folder>/` (`3/` and `Dress/` both go to `dress/`), so the folder
+names in the repository stay uniform:
 - an image whose content is already in the extra folder under the same class is skipped and
   reported, so running the command twice adds nothing;
 - the same image with another label there (or in DIR) is a conflict, reported as a problem;
@@ -37,18 +38,19 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.core.extra import (
-    ExtraProblem,
-    class_folder_name,
-    class_index,
-    load_extra,
-    validate_extra,
-)
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import (
     MAX_IMAGE_FILE_BYTES,
     FileRefusedError,
     md5_bytes,
     read_bounded,
+)
+from pipeline.core.labelled_images import (
+    ExtraProblem,
+    class_folder_name,
+    class_index,
+    load_extra,
+    validate_extra,
 )
 from pipeline.support import config
 from pipeline.support.workspace import (
@@ -61,7 +63,7 @@ from pipeline.support.workspace import (
 )
 
 
-class AddDataError(Exception):
+class AddDataError(PipelineError):
     """Nothing (more) can be done; the message says why and what to do."""
 
 

@@ -4,36 +4,22 @@ DVC composes Hydra configs only in `dvc exp run`; `make params` calls this modul
 `dvc repro` and `make train` see conf/ edits too. Using DVC's own function keeps the file
 byte-identical to what `dvc exp run` writes.
 
-Usage: python -m pipeline.commands.params [--check] [HYDRA_OVERRIDE ...]
+Usage: python -m pipeline.commands.params [--check] [--debug] [HYDRA_OVERRIDE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, estimators
+from pipeline.support import config, errors, estimators
+from pipeline.support.composition import CONFIG_NAME, compose
 from pipeline.support.workspace import CONFIG_DIR
-
-CONFIG_NAME = "config"
-
-
-def compose(root: Path, overrides: Sequence[str] = ()) -> str:
-    """The text of params.yaml for the conf/ under `root`, with Hydra `overrides` applied."""
-    from dvc.utils.hydra import compose_and_dump  # imports Hydra; slow, so only when needed
-
-    root = root.resolve()
-    with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "params.yaml"
-        compose_and_dump(output, str(root / CONFIG_DIR), None, CONFIG_NAME, str(root),
-                         list(overrides))
-        return output.read_text()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if params.yaml differs from the composition of conf/")
     parser.add_argument("--output", default=config.PARAMS_FILE)
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides, e.g. model.learning_rate=0.01")
     args = parser.parse_args(argv)
@@ -52,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         text = compose(root, args.overrides)
     except Exception as exc:  # Hydra raises several types for a bad conf/ or override
-        print(f"params: error: cannot compose {CONFIG_DIR}/{CONFIG_NAME}.yaml: {exc}",
-              file=sys.stderr)
+        errors.report("params", exc, args.debug,
+                      message=f"cannot compose {CONFIG_DIR}/{CONFIG_NAME}.yaml: {exc}")
         return 1
     current = output.read_text() if output.exists() else None
     if args.check:
@@ -69,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         estimators.check_params(config.validate(yaml.safe_load(text)).model)
     except config.ConfigError as exc:
-        print(f"params: error: {CONFIG_DIR}/ composes to an invalid configuration: {exc}",
-              file=sys.stderr)
+        errors.report("params", exc, args.debug,
+                      message=f"{CONFIG_DIR}/ composes to an invalid configuration: {exc}")
         return 1
     atomic_write_text(output, text)
     print(f"params: wrote {output} from {CONFIG_DIR}/")

@@ -1,6 +1,7 @@
 """One retraining cycle: refresh the inputs, `dvc repro`, say what happened to the champion.
 
 Usage: python -m pipeline.retrain [--params params.yaml] [--no-wait] [--log logs/retrain.log]
+                                  [--debug]
 (`pipeline.retrain` calls this module, `pipeline.commands.retrain`.)
 
 Meant to be started by cron, a systemd timer or CI at any time, so a cycle is:
@@ -30,16 +31,19 @@ The outcome comes from models/registration.json, which the `register` stage writ
 bytes mean that no new candidate was evaluated.
 
 Exit codes: 0 promoted, kept or nothing changed; 1 a failure (the failed step and the log file
-are named); 75 another cycle holds the lock and --no-wait was given; 130 interrupted.
+are named; --debug or FMNIST_DEBUG=1 shows its traceback too); 75 another cycle holds the lock
+and --no-wait was given; 130 interrupted.
 
 Log: each cycle appends timestamped lines (start, each step, the outcome or the failure) to the
---log file. The steps' own output goes to stdout/stderr. When stdout is the log file itself (cron
-runs `... >> logs/retrain.log 2>&1`), each line is written there once, timestamped.
+--log file (a `logging` FileHandler). The steps' own output goes to stdout/stderr. When stdout
+is the log file itself (cron runs `... >> logs/retrain.log 2>&1`), each line is written there
+once, timestamped.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import subprocess
@@ -51,10 +55,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.support import config, store
+from pipeline.support import config, errors, store
 from pipeline.support.locks import LockBusy, exclusive_lock, timestamp
 from pipeline.support.outputs import Outputs
-from pipeline.support.registration import Outcome, describe, parse_registration
+from pipeline.support.registration_file import (
+    Outcome,
+    RegistrationFileError,
+    describe,
+    parse_registration,
+)
 from pipeline.support.workspace import (
     CONFIG_DIR,
     EXTRA_DVC_FILE,
@@ -111,7 +120,7 @@ def outcome_of(root: Path, before: Snapshot, after: Snapshot) -> Outcome:
     try:
         registration = parse_registration(after.registration)
         return describe(registration, changed=after.registration != before.registration)
-    except ValueError as exc:
+    except RegistrationFileError as exc:
         raise CommandError("read outcome", f"{path}: {exc}") from None
 
 
@@ -205,33 +214,66 @@ def _is_same_file(stream: TextIO, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+def _console(record: logging.LogRecord) -> TextIO:
+    """Looked up at each line: whoever runs the cycle may have replaced sys.stdout."""
+    return sys.stderr if record.levelno >= logging.ERROR else sys.stdout
+
+
+class _Stamped(logging.Formatter):
+    """`<local time, ISO 8601 to the second> [pid N] <message>`: the log file's lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s [pid %(process)d] %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return timestamp(record.created)
+
+
+class _Console(logging.Handler):
+    """The line people read (`shown`) on stdout, errors on stderr; when that stream is the log
+    file itself (cron: `>> logs/retrain.log 2>&1`), the timestamped line instead, written once."""
+
+    def __init__(self, path: Path | None):
+        super().__init__()
+        self.path, self.stamped = path, _Stamped()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = _console(record)
+        if self.path is not None and _is_same_file(stream, self.path):
+            print(self.stamped.format(record), file=stream, flush=True)
+        else:
+            print(record.shown, file=stream, flush=True)
+
+
 class CycleLog:
-    """Lines for whoever watches (stdout, errors on stderr) and, timestamped, for the log file."""
+    """Lines for whoever watches (stdout, errors on stderr) and, timestamped, for the log file:
+    a logger with a console handler and a FileHandler appending to the log file."""
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.logger = logging.Logger("pipeline.retrain")  # its own: no global logging state
+        self.logger.addHandler(_Console(path))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-
-    def _emit(self, message: str, stream: TextIO, shown: str) -> None:
-        stamped = f"{timestamp()} [pid {os.getpid()}] {message}"
-        if self.path is not None and _is_same_file(stream, self.path):
-            print(stamped, file=stream, flush=True)
-            return
-        print(shown, file=stream, flush=True)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(stamped + "\n")
+            to_file = logging.FileHandler(path, encoding="utf-8")
+            to_file.setFormatter(_Stamped())
+            # Written by the console handler when the console is this file.
+            to_file.addFilter(lambda record: not _is_same_file(_console(record), path))
+            self.logger.addHandler(to_file)
 
     def info(self, message: str) -> None:
-        self._emit(message, sys.stdout, f"retrain: {message}")
+        self.logger.info(message, extra={"shown": f"retrain: {message}"})
 
     def error(self, message: str) -> None:
-        self._emit(message, sys.stderr, f"retrain: error: {message}")
+        self.logger.error(message, extra={"shown": f"retrain: error: {message}"})
 
     def outcome(self, outcome: Outcome) -> None:
-        self._emit(f"outcome: {outcome.line}", sys.stdout, outcome.line)
+        self.logger.info(f"outcome: {outcome.line}", extra={"shown": outcome.line})
+
+    def close(self) -> None:
+        for handler in list(self.logger.handlers):
+            self.logger.removeHandler(handler)
+            handler.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,32 +289,44 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"exit with {EX_TEMPFAIL} at once if another cycle is running")
     parser.add_argument("--log", type=Path, default=None,
                         help=f"file to append the cycle's lines to (default: <repo>/{RETRAIN_LOG})")
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = parser.parse_args(argv)
 
     params = Path(args.params).absolute()
     try:
         root = find_repo_root(params.parent)
     except CommandError as exc:
-        print(f"retrain: error: {exc}", file=sys.stderr)
+        errors.report("retrain", exc, args.debug, message=str(exc))
         return 1
     log_path = (args.log.absolute() if args.log is not None else root / RETRAIN_LOG)
     try:
         log = CycleLog(log_path)
     except OSError as exc:
-        print(f"retrain: error: cannot write the log file {log_path}: {exc}", file=sys.stderr)
+        errors.report("retrain", exc, args.debug,
+                      message=f"cannot write the log file {log_path}: {exc}")
         return 1
 
+    try:
+        return _run(root, params, args.no_wait, log, log_path, args.debug)
+    finally:
+        log.close()
+
+
+def _run(root: Path, params: Path, no_wait: bool, log: CycleLog, log_path: Path,
+         debug: bool) -> int:
     def announce_wait(holder: str) -> None:
         log.info(f"another cycle is running ({holder}); waiting for it to finish")
 
     try:
-        with cycle_lock(root / LOCK_FILE, wait=not args.no_wait, on_wait=announce_wait):
+        with cycle_lock(root / LOCK_FILE, wait=not no_wait, on_wait=announce_wait):
             log.info(f"start: cycle in {root} with {params.name}")
             outcome = run_cycle(root, params, log)
     except LockBusy as exc:
+        errors.show_traceback(exc, debug)
         log.error(f"another cycle is running ({exc}); not waiting (--no-wait)")
         return EX_TEMPFAIL
     except CommandError as exc:
+        errors.show_traceback(exc, debug)
         champion = ("The champion is untouched unless the register stage itself failed"
                     if exc.step == "dvc repro" else "The champion is untouched")
         log.error(f"step {exc.step!r} failed: {exc.message}. {champion}. Log: {log_path}")

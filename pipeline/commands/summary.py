@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.support.outputs import Outputs
-from pipeline.support.run_summary import format_run_summary
+from pipeline.support.summary_table import format_run_summary
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna: parallel workers, pruning, one MLflow parent run.
 
 Usage: python -m pipeline.tune [--trials 12] [--workers 2] [--timeout SECONDS] [--study NAME]
-                               [--seed 0] [HYDRA_OVERRIDE ...]
+                               [--seed 0] [--debug] [HYDRA_OVERRIDE ...]
 
 conf/ is composed with `+search=softmax` (conf/search/) and the overrides, and everything is
 checked before a worker starts. The study lives in $OPTUNA_STORAGE (a database URL: the team
@@ -11,7 +11,8 @@ and runs trials until the invocation's budget is spent; every trial is a child M
 invocation's parent run, with its parameters, learning curves, validation metrics and validation
 confusion matrix, and no model. Selection is on validation only: at the end the study's best
 trial is retrained through the train stage, evaluated once on test and offered to the champion
-rule by the register stage, so one invocation adds at most one model version.
+rule by the register stage (`pipeline.stage_chain`, as the direct Hydra run does), so one
+invocation adds at most one model version.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from typing import Any
 import yaml
 
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, estimators, search, store, tracking
-from pipeline.support.locks import redacted
+from pipeline.support import composition, config, errors, estimators, search, store, tracking
 from pipeline.support.outputs import Outputs
 from pipeline.support.workspace import project_root
 
@@ -65,12 +65,10 @@ def storage_url() -> str:
 
 def compose(overrides: Sequence[str]) -> tuple[config.Config, search.SearchSpace]:
     """conf/ + the search group + overrides, checked: ConfigError names the bad key."""
-    from pipeline.commands.params import compose as compose_conf
-
     chosen = any(o.lstrip("+~").startswith("search=") for o in overrides)
     extra = [] if chosen else [f"+search={DEFAULT_SEARCH}"]
     try:
-        raw = yaml.safe_load(compose_conf(project_root(), [*extra, *overrides]))
+        raw = yaml.safe_load(composition.compose(project_root(), [*extra, *overrides]))
     except Exception as exc:  # Hydra raises several types for a bad override or group
         raise config.ConfigError(f"cannot compose conf/ with {list(overrides)}: {exc}") from None
     raw_search = raw.pop("search", None)
@@ -155,8 +153,8 @@ def load_study(plan: Plan, sampler_seed: int | None = None) -> Any:
 # ---------------------------------------------------------------------------- one trial
 
 
-class _Trainer:
-    """One worker's data (loaded once) and the objective it runs for each trial."""
+class Objective:
+    """The Optuna objective of one worker: its data, loaded once, and one trial per call."""
 
     def __init__(self, plan: Plan):
         from pipeline.core.split import load_split
@@ -215,7 +213,7 @@ class _Trainer:
             status = "KILLED"
             raise
         except Exception as exc:
-            reason = tracking.explain(exc)
+            reason = errors.explain(exc)
             trial.set_user_attr("fail_reason", reason)
             mlflow.set_tags({"optuna_state": "FAIL", "failure_reason": reason})
             raise
@@ -232,7 +230,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
 
     tracking.fail_runs_on_sigterm()
     store.connect(plan.cfg.mlflow)
-    trainer = _Trainer(plan)
+    objective = Objective(plan)
     shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
     study = load_study(plan, worker_seed(plan.seed, worker, plan.trials_before, shared))
     while plan.deadline is None or time.time() < plan.deadline:
@@ -241,7 +239,7 @@ def work(plan: Plan, worker: int, tickets: Any) -> None:
                 return
             tickets.value -= 1
         try:
-            study.optimize(trainer, n_trials=1,
+            study.optimize(objective, n_trials=1,
                            catch=(TrainingDivergedError, config.ConfigError),
                            callbacks=[lambda _, trial: _report(worker, trial, plan.space)])
         except KeyboardInterrupt:  # Ctrl-C: Optuna and MLflow have marked the trial FAIL(ED)
@@ -266,9 +264,9 @@ def create_study(name: str, url: str, space: search.SearchSpace) -> Any:
                                 direction=space.direction, load_if_exists=True)
     if study.direction.name.lower() != space.direction:
         raise config.ConfigError(
-            f"study {name!r} in {redacted(url)} was created to {study.direction.name.lower()}, "
-            f"but search.objective={space.objective!r} needs {space.direction}; "
-            "choose another --study name")
+            f"study {name!r} in {store.redact_url(url)} was created to "
+            f"{study.direction.name.lower()}, but search.objective={space.objective!r} needs "
+            f"{space.direction}; choose another --study name")
     study.set_user_attr("objective", space.objective)
     return study
 
@@ -333,8 +331,8 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.stages import evaluate, register, train
-    from pipeline.support.run_summary import format_run_summary
+    from pipeline.stage_chain import run_chain
+    from pipeline.support.summary_table import format_run_summary
 
     url = storage_url()
     study = create_study(study_name, url, space)
@@ -346,7 +344,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     commit, dirty = tracking.git_commit()
     parent = client.create_run(
         experiment.experiment_id, run_name=f"tune-{study_name}-from-trial-{before}",
-        tags={"optuna_study": study_name, "optuna_storage": redacted(url), "source": "tune",
+        tags={"optuna_study": study_name, "optuna_storage": store.redact_url(url), "source": "tune",
               "git_commit": commit, "git_dirty": str(dirty).lower(), "model": "study"})
     parent_id = parent.info.run_id
     client.log_dict(parent_id, {"objective": space.objective, "pruner": space.pruner,
@@ -357,7 +355,7 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
         client.log_param(parent_id, key, value)
     deadline = None if timeout is None else time.time() + timeout
     plan = Plan(cfg, space, study_name, url, parent_id, seed, deadline, before)
-    print(f"tune: study {study_name!r} in {redacted(url)} ({before} trials so far); "
+    print(f"tune: study {study_name!r} in {store.redact_url(url)} ({before} trials so far); "
           f"{n_trials} trials on {n_workers} workers; MLflow parent run {parent_id}",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
@@ -406,17 +404,16 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     best_cfg = dataclasses.replace(cfg, model=best_model)
     out = Outputs(folder)
     try:
-        record = train.train(best_cfg, out, "tune")
-        client.set_tag(record["run_id"], "optuna_study", study_name)
-        client.set_tag(record["run_id"], "optuna_trial", str(best.number))
-        client.set_tag(record["run_id"], "tune_parent_run_id", parent_id)
-        evaluate.run(best_cfg, out, record["run_id"])
-        registration = register.run(best_cfg, out, record["run_id"], record["model_uri"])
+        chained = run_chain(best_cfg, out, "tune", tags={
+            "optuna_study": study_name, "optuna_trial": str(best.number),
+            "tune_parent_run_id": parent_id})
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    client.set_tag(parent_id, "best_run_id", record["run_id"])
-    client.set_tag(parent_id, "registered_version", registration["candidate"]["version"])
+    assert chained.registration is not None
+    client.set_tag(parent_id, "best_run_id", chained.run["run_id"])
+    client.set_tag(parent_id, "registered_version",
+                   chained.registration["candidate"]["version"])
     client.set_terminated(parent_id, "FINISHED")
     print(format_run_summary(out))
     print(f"tune: best trial {best.number} ({space.objective}={best.value:.4f}); its config: "
@@ -436,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the samplers (in a shared $OPTUNA_STORAGE, mixed with "
                              "the invocation so that machines never draw the same points)")
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. search.pruner=none")
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
@@ -445,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, space = compose(args.overrides)
         study = args.study or f"{cfg.mlflow.experiment}-{estimators.check_params(cfg.model).kind}"
         return tune(cfg, space, args.trials, args.workers, args.timeout, study, args.seed)
-    except tracking.expected_errors() as exc:
-        print(f"tune: error: {tracking.explain(exc)}", file=sys.stderr)
+    except errors.expected() as exc:
+        errors.report("tune", exc, args.debug)
         return 1
 
 

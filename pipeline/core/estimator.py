@@ -21,6 +21,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import ThreadpoolController
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.preprocessing import (
     ACCEPTED_DTYPES,
     PIXEL_PARAMETER_CONSTRAINTS,
@@ -46,7 +47,7 @@ def _one_blas_thread():
     return _blas_threads().limit(limits=1, user_api="blas")
 
 
-class TrainingDivergedError(ValueError):
+class TrainingDivergedError(PipelineError, ValueError):
     """The training loss became NaN or infinite; the message names the hyperparameter to lower."""
 
 

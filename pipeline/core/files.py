@@ -25,6 +25,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
+
 CHUNK_SIZE = 1 << 20
 
 # Per file: one 28x28 PNG is under 1 KB; the whole official training set is a 47 MB IDX file.
@@ -32,7 +34,7 @@ MAX_IMAGE_FILE_BYTES = 1 << 20
 MAX_ARRAY_FILE_BYTES = 512 << 20
 
 
-class FileRefusedError(ValueError):
+class FileRefusedError(PipelineError, ValueError):
     """An input that is not a regular file of a sensible size; the message names it."""
 
 

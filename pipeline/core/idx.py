@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import (
     MAX_ARRAY_FILE_BYTES,
     FileRefusedError,
@@ -39,7 +40,7 @@ _KIND_OF_MAGIC: dict[int, Kind] = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels
 _MAGIC_OF_KIND = {kind: magic for magic, kind in _KIND_OF_MAGIC.items()}
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(PipelineError, ValueError):
     """A file that is not a valid Fashion-MNIST IDX file; the message names the file."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write_text, write_npz
 from pipeline.core.idx import N_PIXELS, read_idx
 
@@ -33,7 +34,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 
 
-class DatasetError(ValueError):
+class DatasetError(PipelineError, ValueError):
     """Input data that cannot be split as asked; the message says which data and why."""
 
 
@@ -296,6 +297,6 @@ def check_manifest(split_dir: str | Path, val_size: int, seed: int,
     differing = [f"{key}: split has {made.get(key)!r}, configuration says {value!r}"
                  for key, value in wanted.items() if made.get(key) != value]
     if differing:
-        raise ValueError(
+        raise DatasetError(
             f"{path} was made with other data parameters ({'; '.join(differing)}); "
             "rerun the split stage (`dvc repro split`, or `dvc exp run -S data....`)")

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write, is_temp_file_of, md5sum
 from pipeline.support import config
 from pipeline.support.workspace import MIRROR_ENV, mirror_source
@@ -47,7 +48,7 @@ USER_AGENT = "fashion-mnist-pipeline (Python urllib)"
 _URL_SCHEMES = ("http", "https", "file")
 
 
-class FetchError(Exception):
+class FetchError(PipelineError):
     """One attempt at one source failed; `permanent` when retrying cannot help."""
 
     def __init__(self, reason: str, permanent: bool = False):

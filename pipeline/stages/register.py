@@ -37,19 +37,20 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
 from pipeline.support import config, store, tracking
 from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
-from pipeline.support.registration import describe, registration_from_record
+from pipeline.support.registration_file import describe, registration_from_record
 from pipeline.support.stage import stage_main
 from pipeline.support.store import CHALLENGER, CHAMPION
 
 REGISTRY_LOCK_URL_ENV = "FMNIST_REGISTRY_LOCK_URL"
 
 
-class RegistrationError(ValueError):
+class RegistrationError(PipelineError, ValueError):
     """The run cannot be registered (no model, no metric); the registry is left as it was."""
 
 

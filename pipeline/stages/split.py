@@ -13,9 +13,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.extra import ExtraDataError, load_extra
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import md5sum
 from pipeline.core.idx import IdxFormatError
+from pipeline.core.labelled_images import ExtraDataError, load_extra
 from pipeline.core.split import (
     DatasetError,
     build_manifest,
@@ -27,7 +28,7 @@ from pipeline.core.split import (
 from pipeline.support import config
 
 
-class StageError(Exception):
+class StageError(PipelineError):
     """An expected failure, reported as one message without a traceback."""
 
 

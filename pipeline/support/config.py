@@ -15,10 +15,12 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from pipeline.core.errors import PipelineError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration value that the pipeline cannot use; the message names the key."""
 
 

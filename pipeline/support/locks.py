@@ -17,13 +17,18 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+from pipeline.core.errors import PipelineError
+from pipeline.support.store import redact_url
 
-class LockBusy(Exception):
+
+class LockBusy(PipelineError):
     """Another process holds the lock; the message says who, as far as the lock file knows."""
 
 
-def timestamp() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+def timestamp(when: float | None = None) -> str:
+    """Local time to the second, with its UTC offset; now, or at `when` (seconds since epoch)."""
+    moment = datetime.now() if when is None else datetime.fromtimestamp(when)
+    return moment.astimezone().isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager
@@ -55,19 +60,8 @@ def exclusive_lock(
         os.close(fd)  # releases the flock
 
 
-class LockUnavailable(ConnectionError):
+class LockUnavailable(PipelineError, ConnectionError):
     """The database that holds a shared lock cannot be reached; nothing was changed."""
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 @contextlib.contextmanager
@@ -90,7 +84,7 @@ def advisory_lock(
                                application_name=me[:63], keepalives=1, keepalives_idle=10,
                                keepalives_interval=5, keepalives_count=3)
     except psycopg.Error as exc:
-        raise LockUnavailable(f"cannot reach the lock database {redacted(url)}: "
+        raise LockUnavailable(f"cannot reach the lock database {redact_url(url)}: "
                               f"{str(exc).strip().splitlines()[0]}") from None
     with conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:

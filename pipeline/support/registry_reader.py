@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import FileRefusedError, read_bounded
 from pipeline.support import store
 
@@ -53,7 +54,7 @@ class Unsupported(Exception):
     """This store or this answer needs MLflow's client; the caller falls back to it."""
 
 
-class RegistryError(RuntimeError):
+class RegistryError(PipelineError, RuntimeError):
     """The registry could not be read; the message says why."""
 
 

@@ -2,18 +2,18 @@
 params.yaml, connect, run, report in one line.
 
 A stage's `main` hands its work to `stage_main`; expected errors (bad configuration or input, a
-missing run or model file, a store that cannot be reached) become one `<stage>: error: ...` line
-and exit code 1, never a traceback, and SIGTERM marks the MLflow run FAILED on the way out. Each
-first closes the runs of killed processes (`tracking.fail_killed_runs`).
+missing run or model file, a store that cannot be reached: `pipeline.support.errors`) become one
+`<stage>: error: ...` line and exit code 1, a bug shows its traceback, and SIGTERM marks the
+MLflow run FAILED on the way out. Each first closes the runs of killed processes
+(`tracking.fail_killed_runs`).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.support import config, store, tracking
+from pipeline.support import config, errors, store, tracking
 
 
 def stage_main(
@@ -26,6 +26,7 @@ def stage_main(
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}",
                                      description=description)
     parser.add_argument("--params", default=config.PARAMS_FILE, help="composed parameter file")
+    parser.add_argument("--debug", action="store_true", help=errors.DEBUG_HELP)
     args = parser.parse_args(argv)
     tracking.fail_runs_on_sigterm()
     try:
@@ -35,8 +36,8 @@ def stage_main(
         store.connect(cfg.mlflow)
         tracking.fail_killed_runs(cfg.mlflow.experiment)
         message = body(cfg)
-    except tracking.expected_errors() as exc:
-        print(f"{name}: error: {tracking.explain(exc)}", file=sys.stderr)
+    except errors.expected() as exc:
+        errors.report(name, exc, args.debug)
         return 1
     if message:
         print(message)

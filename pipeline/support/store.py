@@ -23,6 +23,7 @@ from base64 import b64encode
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipeline.core.errors import PipelineError
 from pipeline.support.config import MlflowConfig
 from pipeline.support.workspace import project_root
 
@@ -60,7 +61,7 @@ def local_store_path(tracking_uri: str) -> Path | None:
     return None
 
 
-class StoreError(RuntimeError):
+class StoreError(PipelineError, RuntimeError):
     """The tracking store cannot be used as it is; the message says how to restore it."""
 
 
@@ -101,6 +102,15 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return uri
 
 
+def redact_url(url: str) -> str:
+    """A database or server URL without its password, for messages and tags."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def is_local(uri: str) -> bool:
     return urlsplit(uri).scheme in ("sqlite", "file", "")
 
@@ -121,7 +131,7 @@ def quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
 
 
-class StoreUnavailable(ConnectionError):
+class StoreUnavailable(PipelineError, ConnectionError):
     """The tracking server cannot be reached or refuses us; the message says what to do."""
 
 

@@ -26,45 +26,17 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write_text
-from pipeline.support import config, store
+from pipeline.support import config
 
 # What a commit's code is: a run is "dirty" only if these differ from the commit, not because
 # DVC rewrote its own outputs (dvc.lock, metrics/) during the pipeline.
 SOURCE_PATHS = ("pipeline", "conf", "dvc.yaml", "params.yaml", "pyproject.toml", "uv.lock")
 
 
-class RunFileError(RuntimeError):
+class RunFileError(PipelineError, RuntimeError):
     """`models/run.json` is missing or does not name a usable MLflow run."""
-
-
-_EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    config.ConfigError, RunFileError, store.StoreError, OSError, ValueError, KeyError,
-)
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """What a stage reports as one line instead of a traceback.
-
-    Bad configuration or inputs, a missing run or model file, a disk that refuses a write, and
-    (once MLflow is loaded, the only way one can be raised) an unreachable or broken store.
-    """
-    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-    if mlflow_exceptions is None:
-        return _EXPECTED_ERRORS
-    return (*_EXPECTED_ERRORS, mlflow_exceptions.MlflowException)
-
-
-def explain(exc: BaseException) -> str:
-    """The message of an expected error, with MLflow's own wording where there is one."""
-    message = getattr(exc, "message", None)
-    if getattr(exc, "error_code", None) == "PERMISSION_DENIED" or (
-            isinstance(message, str) and "error code 403 " in message):
-        user = os.environ.get(store.USERNAME_ENV, "")
-        return (f"the MLflow tracking server refused user {user!r} this change (HTTP 403: "
-                f"{message}); writing runs and moving the champion need EDIT permission: ask "
-                f"its admin (`make team-user NAME={user or '<you>'} PERMISSION=EDIT`)")
-    return f"{type(exc).__name__}: {message}" if isinstance(message, str) else str(exc)
 
 
 EPOCH_PREFIX = "epoch/"  # the MLflow UI groups these keys as one section: the learning curves

@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from pipeline.core.errors import PipelineError
+
 CONFIG_DIR = "conf"  # Hydra's config groups, composed into params.yaml
 MIRROR_ENV = "FMNIST_MIRROR"
 EXTRA_DVC_FILE = "data.dvc"  # tracks data/extra: newly labelled images
@@ -24,7 +26,7 @@ SHARED_MIRROR = Path("..") / "shared" / "fashion-mnist"
 EXPERIMENT_COPY = (".dvc", "tmp", "exps")
 
 
-class CommandError(Exception):
+class CommandError(PipelineError):
     """A command cannot go on; `step` names what failed, for a one-line report."""
 
     def __init__(self, step: str, message: str):

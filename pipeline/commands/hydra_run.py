@@ -8,10 +8,12 @@ sweep ends, `RegisterBestPoint` (a Hydra callback configured in conf/config.yaml
 point with the best validation score to the champion rule, so a sweep adds at most one model
 version. A sweep whose points all failed exits 1.
 
-conf/ is composed with the overrides (no params.yaml, no DVC), and the stages' own functions run
-one after the other, writing into Hydra's output directory, so the points of a sweep never
-overwrite each other or the DVC outputs. This is the only module that chains stages by calls;
-`dvc repro` chains the same stages through files.
+conf/ is composed with the overrides (no params.yaml, no DVC), and the stages run one after the
+other in this process (`pipeline.stage_chain`, which tune uses too), writing into Hydra's output
+directory, so the points of a sweep never overwrite each other or the DVC outputs.
+
+Errors: as the stages' (`pipeline.support.errors`); Hydra owns the command line, so only
+FMNIST_DEBUG=1 asks for the traceback of an expected error.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.stages import evaluate, register, train, validate
-from pipeline.support import config, store, tracking
+from pipeline import stage_chain
+from pipeline.stages import validate
+from pipeline.support import config, errors, store, tracking
 from pipeline.support.outputs import Outputs
-from pipeline.support.run_summary import format_run_summary
+from pipeline.support.summary_table import format_run_summary
 from pipeline.support.workspace import CONFIG_DIR
 
 # An absolute path: Hydra would read a relative one as a Python package when this function is
@@ -51,22 +54,21 @@ def main(raw: DictConfig) -> float | None:
             cfg = config.validate(OmegaConf.to_container(raw, resolve=True))
             validate.check(cfg)  # what the validate stage checks before `dvc repro` runs
         except config.ConfigError as exc:
-            raise config.ConfigError(f"conf/ with your overrides: {exc}") from None
+            raise config.ConfigError(f"conf/ with your overrides: {exc}") from exc
         store.connect(cfg.mlflow)
         tracking.fail_killed_runs(cfg.mlflow.experiment)
-        record = train.train(cfg, out, "hydra", list(hydra_cfg.overrides.task))
-        results = evaluate.run(cfg, out, record["run_id"])
-        if not sweeping:  # a sweep registers its best point only, when it ends
-            register.run(cfg, out, record["run_id"], record["model_uri"])
-    except tracking.expected_errors() as exc:
-        print(f"train: error: {tracking.explain(exc)}", file=sys.stderr)
+        # A sweep registers its best point only, when it ends.
+        chained = stage_chain.run_chain(cfg, out, "hydra", list(hydra_cfg.overrides.task),
+                                        register_model=not sweeping)
+    except errors.expected() as exc:
+        errors.report("train", exc)
         # This point's run is FAILED; the other points of the sweep still run, unless the
         # tracking server is out of reach, which no point can get past.
         if sweeping and not isinstance(exc, store.StoreUnavailable):
             return None
         sys.exit(1)
     print(format_run_summary(out))
-    return results["val"][_split_key(cfg.mlflow.promotion)]
+    return chained.results["val"][_split_key(cfg.mlflow.promotion)]
 
 
 def _split_key(rule: config.PromotionConfig) -> str:
@@ -94,7 +96,7 @@ class RegisterBestPoint(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from pipeline.support.config import validate
-        from pipeline.support.registration import describe, registration_from_record
+        from pipeline.support.registration_file import describe, registration_from_record
 
         cfg = validate({key: OmegaConf.to_container(config[key], resolve=True)
                                for key in config if key != "hydra"})
@@ -109,11 +111,10 @@ class RegisterBestPoint(Callback):
             sys.exit(1)
         try:
             store.connect(cfg.mlflow)
-            run_file = tracking.read_run_file(best.run)
-            record = register.run(cfg, best, run_file["run_id"], run_file["model_uri"])
-        except tracking.expected_errors() as exc:
-            print(f"train: error: registering the sweep's best point {best.root}: "
-                  f"{tracking.explain(exc)}", file=sys.stderr)
+            record = stage_chain.register_trained(cfg, best)
+        except errors.expected() as exc:
+            errors.report("train", exc, message=f"registering the sweep's best point "
+                                                f"{best.root}: {errors.explain(exc)}")
             sys.exit(1)
         print(f"train: best point by validation {_split_key(cfg.mlflow.promotion)}: {best.root}; "
               f"{describe(registration_from_record(record), changed=True)}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.extra import (
+from pipeline.core.labelled_images import (
     ExtraDataError,
     class_folder_name,
     class_index,

@@ -10,6 +10,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.errors import PipelineError
+
+
+class RegistrationFileError(PipelineError, ValueError):
+    """models/registration.json does not fit the schema; the message says which part."""
+
 
 @dataclass(frozen=True)
 class ModelVersion:
@@ -33,28 +39,28 @@ def _model_version(raw: Any, key: str) -> ModelVersion | None:
     if raw is None:
         return None
     if not isinstance(raw, dict) or "version" not in raw or "value" not in raw:
-        raise ValueError(f"{key} must be null or an object with 'version' and 'value'")
+        raise RegistrationFileError(f"{key} must be null or an object with 'version' and 'value'")
     value = raw["value"]
     return ModelVersion(str(raw["version"]), float("nan") if value is None else float(value))
 
 
 def parse_registration(text: str | bytes) -> Registration:
-    """Registration from the file's text; ValueError says which part does not fit the schema."""
+    """Registration from the file's text; RegistrationFileError says what does not fit."""
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
+        raise RegistrationFileError(f"not valid JSON: {exc}") from None
     return registration_from_record(raw)
 
 
 def registration_from_record(raw: Any) -> Registration:
     """Registration from the record the register stage writes (so it can format its own line)."""
     if not isinstance(raw, dict):
-        raise ValueError("expected a JSON object")
+        raise RegistrationFileError("expected a JSON object")
     missing = [key for key in ("metric", "candidate", "champion_after", "promoted")
                if key not in raw]
     if missing:
-        raise ValueError(f"missing keys: {', '.join(missing)}")
+        raise RegistrationFileError(f"missing keys: {', '.join(missing)}")
     return Registration(
         metric=str(raw["metric"]),
         candidate=_model_version(raw["candidate"], "candidate"),
@@ -88,7 +94,7 @@ def describe(registration: Registration, changed: bool) -> Outcome:
         return Outcome("unchanged", f"nothing changed (champion version {champion.version}, "
                                     f"{metric} {_value(champion.value)})")
     if candidate is None:
-        raise ValueError("a new registration without a candidate")
+        raise RegistrationFileError("a new registration without a candidate")
     before = registration.champion_before
     if registration.promoted and before is not None and before.version == candidate.version:
         # The register stage ran again for the run that is already the champion.

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.core.errors import PipelineError
 from pipeline.core.files import MAX_IMAGE_FILE_BYTES, read_bounded
 
 IMAGE_SIZE = (28, 28)  # width, height
@@ -49,7 +50,7 @@ class ExtraProblem:
         return f"{self.path}: {self.message}"
 
 
-class ExtraDataError(ValueError):
+class ExtraDataError(PipelineError, ValueError):
     """The extra folder cannot be used; `problems` lists everything that is wrong with it."""
 
     def __init__(self, problems: Sequence[ExtraProblem]):
@@ -58,6 +59,10 @@ class ExtraDataError(ValueError):
         lines = [f"{count} problem{'s' if count != 1 else ''} with the extra images:"]
         lines += [f"  - {problem}" for problem in self.problems]
         super().__init__("\n".join(lines))
+
+
+class ImageError(PipelineError, ValueError):
+    """One image that is not a readable 28x28 grayscale PNG; the message says what it is."""
 
 
 @dataclass
@@ -124,49 +129,51 @@ _DECODE_ERRORS = (
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """Decode one extra image, or raise ValueError saying what is wrong with it."""
+    """Decode one extra image, or raise ImageError saying what is wrong with it."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(io.BytesIO(data)) as image:
                 if image.format != "PNG":
-                    raise ValueError(f"not a PNG file (it is {image.format or 'unknown'})")
+                    raise ImageError(f"not a PNG file (it is {image.format or 'unknown'})")
                 if image.size != IMAGE_SIZE:
-                    raise ValueError(
+                    raise ImageError(
                         f"image is {image.size[0]}x{image.size[1]} pixels, expected "
                         f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
                     )
                 if image.mode != IMAGE_MODE:
-                    raise ValueError(
+                    raise ImageError(
                         f"image mode is {image.mode!r}, expected {IMAGE_MODE!r} (8-bit "
                         "grayscale without alpha); convert it first, e.g. with Pillow's "
                         "Image.convert('L')"
                     )
                 image.load()
                 array = np.asarray(image, dtype=np.uint8).copy()
-        except ValueError:
+        except ImageError:
             raise
+        except ValueError as exc:  # Pillow's own, for some malformed files
+            raise ImageError(str(exc)) from None
         except UnidentifiedImageError:
             message = "unreadable image: not a PNG, nor any image format Pillow knows"
-            raise ValueError(message) from None
+            raise ImageError(message) from None
         except _DECODE_ERRORS as exc:
-            raise ValueError(f"unreadable image: {exc}") from None
+            raise ImageError(f"unreadable image: {exc}") from None
     return array
 
 
 def read_png(path: str | Path) -> np.ndarray:
-    """Read one extra image as a (28, 28) uint8 array; ValueError names the file and problem."""
+    """Read one extra image as a (28, 28) uint8 array; ImageError names the file and problem."""
     path = Path(path)
     try:
         data = read_bounded(path, MAX_IMAGE_FILE_BYTES)
     except ValueError:
-        raise  # read_bounded names the file
+        raise  # read_bounded names the file (FileRefusedError)
     except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+        raise ImageError(f"{path}: {exc.strerror or exc}") from None
     try:
         return decode_png(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
 
 
 def _is_hidden(path: Path) -> bool:
