@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.labelled_images import read_png
 from pipeline.core.files import MAX_ARRAY_FILE_BYTES, FileRefusedError, open_regular, read_bounded
 from pipeline.core.idx import IMAGE_SHAPE, N_PIXELS, IdxFormatError, read_idx
+from pipeline.core.labelled_images import read_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NPY_MAGIC = b"\x93NUMPY"
