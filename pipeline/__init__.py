@@ -1,10 +1,10 @@
 """Fashion-MNIST softmax regression pipeline: DVC stages, Hydra configuration, MLflow tracking.
 
-Four layers, each importing only from those below it: `commands` (what people and schedulers
-run), `stages` (one module per DVC stage), `support` (configuration, MLflow plumbing, model
-files) and `core` (the maths and data handling in plain numpy/pandas/scikit-learn). Beside the
-stages, `team` is the team stack (PostgreSQL, SeaweedFS, the MLflow server, its users), part by
-part; only `commands.team` drives it, and it imports from `support` and `core` only.
+Floors, each importing only from those below it (tests/test_layers.py): `commands` (what people
+and schedulers run; no command imports another), `stage_chain` (train → evaluate → register in one
+process), `stages` (one module per DVC stage), `team` (the team stack, part by part), `support`
+(configuration, MLflow plumbing, the model's files and its one loader) and `core` (the maths and
+data handling in plain numpy/pandas/scikit-learn).
 """
 
 __version__ = "0.1.0"
