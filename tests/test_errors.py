@@ -123,3 +123,26 @@ def test_the_direct_hydra_run_shows_a_traceback_with_fmnist_debug(tmp_path: Path
     env.pop(errors.DEBUG_ENV)
     quiet = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert (quiet.returncode, quiet.stderr) == (1, line)
+
+
+def missing_params_commands() -> list[tuple[str, list[str]]]:
+    """Commands that print their own one-line error for a parameter file that does not exist."""
+    return [("validate", ["-m", "pipeline.stages.validate"]),
+            ("download", ["-m", "pipeline.stages.download"]),
+            ("split", ["-m", "pipeline.stages.split"]),
+            ("team", ["-m", "pipeline.commands.preflight"])]
+
+
+@pytest.mark.parametrize("name,argv", missing_params_commands(), ids=lambda v: str(v))
+def test_fmnist_debug_shows_the_traceback_of_every_command_that_prints_one_line(
+        tmp_path: Path, name: str, argv: list[str]) -> None:
+    command = [sys.executable, *argv, "--params", str(tmp_path / "absent.yaml")]
+    env = {key: value for key, value in os.environ.items() if key != errors.DEBUG_ENV}
+    quiet = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert quiet.returncode == 1
+    assert quiet.stderr.startswith(f"{name}: error: ") and "Traceback" not in quiet.stderr
+    debugging = subprocess.run(command, cwd=tmp_path, env={**env, errors.DEBUG_ENV: "1"},
+                               capture_output=True, text=True)
+    assert debugging.returncode == 1
+    assert debugging.stderr.startswith("Traceback (most recent call last):")
+    assert quiet.stderr.splitlines()[0] in debugging.stderr.splitlines()

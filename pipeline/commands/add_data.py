@@ -52,7 +52,7 @@ from pipeline.core.labelled_images import (
     load_extra,
     validate_extra,
 )
-from pipeline.support import config
+from pipeline.support import config, errors
 from pipeline.support.workspace import (
     EXTRA_DVC_FILE,
     CommandError,
@@ -337,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return add(args.dir, args.params)
     except (AddDataError, CommandError) as exc:
+        errors.show_traceback(exc)
         print(f"add_data: error: {exc}", file=sys.stderr)
         return 1
     except (OSError, FileRefusedError) as exc:
+        errors.show_traceback(exc)
         print(f"add_data: error: {exc}", file=sys.stderr)
         return 1
 

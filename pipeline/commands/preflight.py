@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.support import config, store
+from pipeline.support import config, errors, store
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         uri = store.preflight(config.load(args.params).mlflow)
     except (config.ConfigError, store.StoreUnavailable) as exc:
+        errors.show_traceback(exc)
         print(f"team: error: {exc}", file=sys.stderr)
         return 1
     print(f"team: the tracking store {uri} answers")

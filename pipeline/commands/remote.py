@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.support import errors
 from pipeline.support.workspace import (
     DVC_ENDPOINT_ENV,
     DVC_REMOTE_ENV,
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sync(args.direction, find_repo_root(os.getcwd()))
     except CommandError as exc:
+        errors.show_traceback(exc)
         print(f"{args.direction}: error: {exc.message}", file=sys.stderr)
         return 1
     return 0

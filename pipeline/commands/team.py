@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.support import config, store
+from pipeline.support import config, errors, store
 from pipeline.support.workspace import CommandError, project_root
 from pipeline.team.lifecycle import down, status, up
 from pipeline.team.settings import DEFAULT_BASE_PORT, ENV_FILE, PORT_OFFSETS, STATE_DIR, load_stack
@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("user needs a NAME")
             add_user(stack, args.name, args.permission.upper(), config.load(args.params).mlflow)
     except (CommandError, config.ConfigError, store.StoreUnavailable) as exc:
+        errors.show_traceback(exc)
         print(f"team: error: {exc}", file=sys.stderr)
         return 1
     return 0

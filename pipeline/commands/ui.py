@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote
 
-from pipeline.support import config, store
+from pipeline.support import config, errors, store
 from pipeline.support.workspace import child_env, venv_tool
 
 
@@ -52,11 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(args.params)
     except config.ConfigError as exc:
+        errors.show_traceback(exc)
         print(f"ui: error: {exc}", file=sys.stderr)
         return 1
     try:
         uri = store.connect(cfg.mlflow, experiment=False)
     except (store.StoreUnavailable, store.StoreError) as exc:
+        errors.show_traceback(exc)
         print(f"ui: error: {exc}", file=sys.stderr)
         return 1
     local = store.is_local(uri)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write, is_temp_file_of, md5sum
-from pipeline.support import config
+from pipeline.support import config, errors
 from pipeline.support.workspace import MIRROR_ENV, mirror_source
 
 CHUNK_SIZE = 1 << 16
@@ -289,10 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = config.load(args.params).data
         mirrors = mirrors_to_try(data.mirrors, mirror_source())
         failures = download(data, mirrors, warn=warn)
-    except config.ConfigError as exc:
-        warn(f"download: error: {exc}")
-        return 1
-    except OSError as exc:  # writing the raw directory, e.g. a full disk or no permission
+    except (config.ConfigError, OSError) as exc:  # OSError: a full disk, no permission
+        errors.show_traceback(exc)
         warn(f"download: error: {exc}")
         return 1
     except KeyboardInterrupt:

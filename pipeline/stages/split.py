@@ -25,7 +25,7 @@ from pipeline.core.split import (
     split_table,
     write_split,
 )
-from pipeline.support import config
+from pipeline.support import config, errors
 
 
 class StageError(PipelineError):
@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(run(cfg.data))
     except (config.ConfigError, StageError, IdxFormatError, ExtraDataError, DatasetError,
             OSError) as exc:  # OSError: a folder that cannot be made, a full disk
+        errors.show_traceback(exc)
         print(f"split: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.core.idx import IdxFormatError, read_idx
 from pipeline.core.split import N_CLASSES, DatasetError, check_val_size
-from pipeline.support import config, estimators
+from pipeline.support import config, errors, estimators
 
 # `make params` first: after `dvc exp run -S`, git may not notice the change (same size and a
 # refreshed index), and `git checkout params.yaml` then silently does nothing.
@@ -72,9 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(check(config.load(args.params)))
     except config.ConfigError as exc:
+        errors.show_traceback(exc)
         print(f"validate: error: {exc}\n{HOW_TO_GET_BACK}", file=sys.stderr)
         return 1
     except OSError as exc:  # the raw labels archive cannot be read
+        errors.show_traceback(exc)
         print(f"validate: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -15,12 +15,14 @@ import sys
 import traceback
 
 from pipeline.core.errors import PipelineError
-from pipeline.support import store
 
 DEBUG_ENV = "FMNIST_DEBUG"
 DEBUG_HELP = f"show the traceback of an expected error too (or set {DEBUG_ENV}=1)"
 
-_EXPECTED: tuple[type[BaseException], ...] = (PipelineError, OSError, store.StoreUnavailable)
+# OSError covers the store's StoreUnavailable (a ConnectionError); this module imports no more
+# than the core, so that the stages that never talk to MLflow can use it.
+_EXPECTED: tuple[type[BaseException], ...] = (PipelineError, OSError)
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 
 
 def expected() -> tuple[type[BaseException], ...]:
@@ -37,7 +39,7 @@ def explain(exc: BaseException) -> str:
     message = getattr(exc, "message", None)
     if getattr(exc, "error_code", None) == "PERMISSION_DENIED" or (
             isinstance(message, str) and "error code 403 " in message):
-        user = os.environ.get(store.USERNAME_ENV, "")
+        user = os.environ.get(USERNAME_ENV, "")
         return (f"the MLflow tracking server refused user {user!r} this change (HTTP 403: "
                 f"{message}); writing runs and moving the champion need EDIT permission: ask "
                 f"its admin (`make team-user NAME={user or '<you>'} PERMISSION=EDIT`)")

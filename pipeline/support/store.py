@@ -25,10 +25,10 @@ from urllib.parse import urlsplit
 
 from pipeline.core.errors import PipelineError
 from pipeline.support.config import MlflowConfig
+from pipeline.support.errors import USERNAME_ENV  # noqa: F401 - store.USERNAME_ENV, the rule
 from pipeline.support.workspace import project_root
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 AUTH_PLUGIN_ENV = "MLFLOW_TRACKING_AUTH"
