@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,17 @@ def runs(team: Team) -> list:
 
 
 @pytest.fixture(autouse=True)
-def _team_client(team: Team, monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process talks to the stack as a team member would, after `. team.env`."""
+def _team_client(team: Team, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process talks to the stack as a team member would, after `. team.env` (and not to
+    the store an earlier module named with `mlflow.set_tracking_uri`, which the variable would
+    not override)."""
+    import mlflow
+
     for key, value in team.env.items():
         monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +150,12 @@ def test_a_stack_restarted_between_stages_resumes_and_keeps_everything(
     model = mlflow.sklearn.load_model(f"models:/{MODEL}/{first}")
     assert model.predict(np.zeros((1, 784), dtype=np.float32)).shape == (1,)
     # The DVC objects pushed before the restart (all that clone B's commit names) are still in
-    # the remote.
+    # the remote: B fetches every one of them (B's remote set as `make pull` sets it, whether or
+    # not B has pulled yet).
+    from pipeline.support.workspace import configure_env_remote
+
+    configure_env_remote(b.root, b.env)
+    b.dvc("fetch")
     assert b.dvc("status", "--cloud").stdout.strip() == "Cache and remote 'env' are in sync."
 
 
