@@ -38,8 +38,11 @@ def study(repo: Repo, name: str) -> optuna.Study:
 def runs_of(repo: Repo, name: str) -> tuple[list, list]:
     """(parent runs, child runs) of the Optuna study `name` in the copy's MLflow store."""
     client = repo.client()
-    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
-    runs = client.search_runs([experiment], f"tags.optuna_study = '{name}'", max_results=500)
+    experiment = client.get_experiment_by_name("fashion-mnist")
+    if experiment is None:  # nothing has run in the copy yet
+        return [], []
+    runs = client.search_runs([experiment.experiment_id], f"tags.optuna_study = '{name}'",
+                              max_results=500)
     parents = [r for r in runs if r.data.tags.get("model") == "study"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, children
