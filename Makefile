@@ -17,6 +17,7 @@ EVERY ?= weekly
 TRIALS ?= 12
 WORKERS ?= 2
 RETRAIN_ARGS ?=
+PYTEST_ARGS ?=  # e.g. --randomly-seed=N (the order of a past run), -p no:randomly, --durations=25
 TEAM_ARGS ?=  # e.g. --state DIR --base-port N --host 0.0.0.0 (fixed by the first team-up)
 
 # Stage commands call `python`, `dvc` and `mlflow`: take them from the project's virtualenv.
@@ -88,11 +89,11 @@ add-data: setup ## Add labelled PNGs from DIR=path/<class>/*.png to data/extra (
 	@test -n "$(DIR)" || { echo "usage: make add-data DIR=path/to/folder" >&2; exit 2; }
 	$(PYTHON) -m pipeline.commands.add_data "$(DIR)"
 
-test: setup ## Run the whole test suite (unit, integration, end-to-end)
-	$(PYTHON) -m pytest
+test: setup ## Run the whole test suite in a random order (PYTEST_ARGS="--randomly-seed=N ...")
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup ## Run the tests without the slow end-to-end ones
-	$(PYTHON) -m pytest -m "not slow"
+test-fast: setup ## Run core, support and the stage units, without the slow end-to-end tests
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup ## Check style with ruff
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -4,11 +4,17 @@ Asserts what a user looks at: the parameters and learning curves of the run, bot
 matrices, the registered version and its `champion` alias, and that the champion loads and
 predicts. Then: a second `dvc repro` does nothing, a worse model does not take the champion, and
 a bad configuration fails before any MLflow run is left RUNNING.
+
+The tests share one trained copy and run in any order: each starts from the copy as the first
+`dvc repro` left it, workspace and MLflow store alike (see `repo`).
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +25,30 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
-    repo = make_repo(tmp_path_factory.mktemp("repo"), tmp_path_factory.mktemp("mirror"))
-    repo.dvc("repro")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Repo, Path]]:
+    """The copy after its first `dvc repro`, and a snapshot of it.
+
+    This process reads the store without a connection pool: `repo` puts a fresh copy of the
+    store at the same path, and a pooled connection would go on reading the deleted file.
+    """
+    base = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        repo = make_repo(base / "repo", base / "mirror")
+        repo.dvc("repro")
+        snapshot = base / "after-first-repro"
+        shutil.copytree(repo.root, snapshot, symlinks=True)
+        yield repo, snapshot
+
+
+@pytest.fixture
+def repo(trained: tuple[Repo, Path]) -> Repo:
+    """The copy as the first `dvc repro` left it, at the same path (MLflow keeps absolute
+    artifact paths in the store): training a copy per test would take minutes, and DVC's run
+    cache cannot undo the train and register stages (their uncached outputs keep them out)."""
+    repo, snapshot = trained
+    shutil.rmtree(repo.root)
+    shutil.copytree(snapshot, repo.root, symlinks=True)
     return repo
 
 

@@ -165,6 +165,7 @@ def wait_for_line(process: subprocess.Popen, log: Path, text: str, timeout: floa
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_registrations_at_once_wait_for_the_lock_and_keep_the_better(
         name: str, store: str, tmp_path: Path) -> None:
     """Two real register stages meet the registry lock held (here by the test itself).
@@ -217,6 +218,7 @@ def test_two_registrations_at_once_wait_for_the_lock_and_keep_the_better(
     assert second["champion_after"]["version"] == str(champion.version)
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_failed(store: str, tmp_path: Path) -> None:
     """systemd, CI cancellation and `timeout` send SIGTERM: no run may stay RUNNING."""
     from mlflow.tracking import MlflowClient

@@ -81,6 +81,7 @@ def client_registry(registry: Registry, monkeypatch: pytest.MonkeyPatch):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_the_sqlite_reader_gives_the_clients_answers(registry: Registry,
                                                      client_registry) -> None:
     direct = registry_reader.open_registry(registry.tracking_uri)
@@ -101,6 +102,7 @@ def test_the_sqlite_reader_gives_the_clients_answers(registry: Registry,
         assert client_registry.version(MODEL_NAME, missing) is None
 
 
+@pytest.mark.slow
 def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, client_registry,
                                                        tmp_path: Path) -> None:
     import mlflow.artifacts
@@ -115,6 +117,7 @@ def test_the_files_read_are_the_files_mlflow_downloads(registry: Registry, clien
                           registry.estimators["2"].predict_proba(registry.X))
 
 
+@pytest.mark.slow
 def test_a_file_over_its_cap_or_not_regular_is_refused(registry: Registry) -> None:
     record = registry_reader.open_registry(registry.tracking_uri).version(MODEL_NAME, "3")
     with pytest.raises(registry_reader.RegistryError, match="bytes allowed"):
@@ -123,6 +126,7 @@ def test_a_file_over_its_cap_or_not_regular_is_refused(registry: Registry) -> No
         record.read("nothing.here", 100)
 
 
+@pytest.mark.slow
 def test_what_the_reader_leaves_to_mlflow(registry: Registry, tmp_path: Path) -> None:
     with pytest.raises(registry_reader.Unsupported):
         registry_reader.open_registry(f"file://{tmp_path}")
@@ -154,6 +158,7 @@ def _predict(registry: Registry, *args: str, **env: str) -> tuple[int, str, str]
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_predict_answers_with_the_champion_without_importing_mlflow(registry: Registry) -> None:
     np.save(registry.root / "x.npy", registry.X[:3])
     code, out, err = _predict(registry, "x.npy", "--json", "--params", str(registry.params))
@@ -164,6 +169,7 @@ def test_predict_answers_with_the_champion_without_importing_mlflow(registry: Re
     assert labels == [str(v) for v in registry.estimators["2"].predict(registry.X[:3])]
 
 
+@pytest.mark.slow
 def test_predict_gives_the_same_answer_through_mlflows_client(
         registry: Registry, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """When the reader steps aside (another schema, artifacts in S3...), MLflow answers the same."""
@@ -185,6 +191,7 @@ def test_predict_gives_the_same_answer_through_mlflows_client(
     assert through_mlflow.err == direct.err  # the same version and run are named
 
 
+@pytest.mark.slow
 def test_the_verified_revision_is_the_one_mlflow_creates(registry: Registry) -> None:
     """The tests above ran on a store of this revision: the reader is verified on it."""
     with contextlib.closing(sqlite3.connect(registry.root / "mlflow.db")) as db:
@@ -204,6 +211,7 @@ def _with_revision(registry: Registry, tmp_path: Path, revision: str) -> str:
     return f"sqlite:///{copy}"
 
 
+@pytest.mark.slow
 def test_a_schema_revision_not_verified_is_left_to_mlflow(registry: Registry,
                                                           tmp_path: Path) -> None:
     """The tables still read the same, but only MLflow's client may judge another schema."""
@@ -219,6 +227,7 @@ def test_a_schema_revision_not_verified_is_left_to_mlflow(registry: Registry,
         registry_reader.open_registry(unknown).aliases(MODEL_NAME)
 
 
+@pytest.mark.slow
 def test_the_switch_turns_the_reader_off(registry: Registry,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     np.save(registry.root / "x.npy", registry.X[:3])
@@ -234,6 +243,7 @@ def test_the_switch_turns_the_reader_off(registry: Registry,
         registry_reader.open_registry(registry.tracking_uri)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("uri", "message"), [
     (f"models:/{MODEL_NAME}@nope", f"'{MODEL_NAME}' has no alias 'nope' "
                                    "(aliases: challenger -> version 3, champion -> version 2)"),
@@ -312,6 +322,7 @@ def test_artifact_paths_are_quoted_as_mlflow_quotes_them(servers: Servers) -> No
         "/api/2.0/mlflow-artifacts/artifacts/my%20models/1/models/m-1/artifacts/MLmodel")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [
     {"MLFLOW_WORKSPACE": "team"}, {"MLFLOW_ENABLE_WORKSPACES": "true"},
     {"MLFLOW_TRACKING_AUTH": "my_plugin"}, {"MLFLOW_REGISTRY_URI": "sqlite:///other.db"},
@@ -331,6 +342,7 @@ def test_settings_that_make_mlflow_read_another_registry_are_left_to_it(
     assert registry_reader.open_registry(registry.tracking_uri).aliases(MODEL_NAME)
 
 
+@pytest.mark.slow
 def test_latest_is_left_to_mlflow_which_takes_the_newest_version(registry: Registry) -> None:
     np.save(registry.root / "x.npy", registry.X[:3])
     code, out, err = _predict(registry, "x.npy", "--json", "--model",

@@ -60,6 +60,7 @@ def test_model_file_is_byte_identical_across_processes(tmp_path: Path, kind: str
     assert {info.compress_type for info in infos} == {zipfile.ZIP_STORED}
 
 
+@pytest.mark.slow
 def test_reproducible_model_file_loads_with_skops_and_mlflow(tmp_path: Path) -> None:
     """The rewritten archive is still a skops file: skops and MLflow's loader both read it."""
     import mlflow.sklearn

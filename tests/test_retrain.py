@@ -385,6 +385,7 @@ def _log_messages(root: Path) -> list[str]:
     return [STAMPED.sub("", line) for line in lines]
 
 
+@pytest.mark.slow
 def test_first_cycle_trains_registers_promotes_and_logs_each_step(
     first_cycle: FirstCycle, trained: Path
 ) -> None:
@@ -414,6 +415,7 @@ def test_first_cycle_trains_registers_promotes_and_logs_each_step(
     assert messages[-1] == f"outcome: {outcome}"
 
 
+@pytest.mark.slow
 def test_cycle_with_nothing_new_changes_nothing_logged_as_cron_does(
     first_cycle: FirstCycle, trained: Path
 ) -> None:
@@ -437,6 +439,7 @@ def test_cycle_with_nothing_new_changes_nothing_logged_as_cron_does(
     assert not any(line.startswith("retrain: ") for line in new)
 
 
+@pytest.mark.slow
 def test_cycle_without_a_mirror_setting_finds_the_shared_archives_beside_the_checkout(
     first_cycle: FirstCycle, trained: Path, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture
@@ -459,6 +462,7 @@ def test_cycle_without_a_mirror_setting_finds_the_shared_archives_beside_the_che
     assert _state(trained) == before
 
 
+@pytest.mark.slow
 def test_cycle_composes_conf_into_params_before_the_other_steps(
     trained: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -478,6 +482,7 @@ def test_cycle_composes_conf_into_params_before_the_other_steps(
     assert registry(trained) == before  # no stage depends on data.download
 
 
+@pytest.mark.slow
 def test_without_conf_the_params_file_is_used_as_it_is(
     trained: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -493,6 +498,7 @@ def test_without_conf_the_params_file_is_used_as_it_is(
     assert out.splitlines()[-1].startswith("nothing changed (champion version 1, ")
 
 
+@pytest.mark.slow
 def test_conf_that_composes_to_invalid_parameters_fails_the_cycle_first(
     trained: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -507,6 +513,7 @@ def test_conf_that_composes_to_invalid_parameters_fails_the_cycle_first(
     assert ((trained / "params.yaml").read_bytes(), _state(trained)) == before
 
 
+@pytest.mark.slow
 def test_corrupt_raw_archive_fails_at_download_and_keeps_the_champion(
     trained: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
@@ -528,6 +535,7 @@ def test_corrupt_raw_archive_fails_at_download_and_keeps_the_champion(
     assert "step 'download' failed" in log.read_text().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_failed_training_fails_the_cycle_and_keeps_the_champion(
     trained: Path, capfd: pytest.CaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -37,8 +38,11 @@ def study(repo: Repo, name: str) -> optuna.Study:
 def runs_of(repo: Repo, name: str) -> tuple[list, list]:
     """(parent runs, child runs) of the Optuna study `name` in the copy's MLflow store."""
     client = repo.client()
-    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
-    runs = client.search_runs([experiment], f"tags.optuna_study = '{name}'", max_results=500)
+    experiment = client.get_experiment_by_name("fashion-mnist")
+    if experiment is None:  # nothing has run in the copy yet
+        return [], []
+    runs = client.search_runs([experiment.experiment_id], f"tags.optuna_study = '{name}'",
+                              max_results=500)
     parents = [r for r in runs if r.data.tags.get("model") == "study"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, children
@@ -48,13 +52,33 @@ def versions(repo: Repo) -> list:
     return repo.client().search_model_versions(f"name='{MODEL_NAME}'")
 
 
-def test_two_workers_make_one_parent_run_with_a_child_per_trial(repo: Repo) -> None:
+@dataclass
+class FirstInvocation:
+    """Study s1 as its first invocation left it (the resume test adds trials to it later)."""
+
+    result: subprocess.CompletedProcess
+    trials: list
+    best: optuna.trial.FrozenTrial
+    parents: list
+    children: list
+    versions_before: int
+    versions_after: int
+
+
+@pytest.fixture(scope="module")
+def s1(repo: Repo) -> FirstInvocation:
     before = len(versions(repo))
     result = repo.run(*TUNE, "--trials", "6", "--workers", "2", "--study", "s1", "--seed", "0",
                       "model.epochs=3")
-    trials = study(repo, "s1").trials
+    first = study(repo, "s1")
+    return FirstInvocation(result, first.trials, first.best_trial, *runs_of(repo, "s1"), before,
+                           len(versions(repo)))
+
+
+def test_two_workers_make_one_parent_run_with_a_child_per_trial(
+        repo: Repo, s1: FirstInvocation) -> None:
+    result, trials, parents, children = s1.result, s1.trials, s1.parents, s1.children
     assert len(trials) == 6
-    parents, children = runs_of(repo, "s1")
     assert len(parents) == 1 and len(children) == 6
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -78,23 +102,25 @@ def test_two_workers_make_one_parent_run_with_a_child_per_trial(repo: Repo) -> N
             "optuna/parallel_coordinate.png", "optuna/best_model.yaml"} <= artifacts
     best_yaml = yaml.safe_load(Path(client.download_artifacts(
         parent.info.run_id, "optuna/best_model.yaml")).read_text())
-    best = study(repo, "s1").best_trial
+    best = s1.best
     assert best_yaml["learning_rate"] == pytest.approx(best.params["learning_rate"])
     assert best_yaml["_target_"] == "pipeline.core.estimator.SoftmaxRegression"
     # Selected on validation, trained once more, offered to the champion rule once.
-    assert len(versions(repo)) == before + 1
+    assert s1.versions_after == s1.versions_before + 1
     retrained = client.get_run(parent.data.tags["best_run_id"])
     assert retrained.data.tags["optuna_trial"] == str(best.number)
     assert "test_accuracy" in retrained.data.metrics
     assert f"best trial {best.number}" in result.stdout
 
 
-def test_a_second_invocation_resumes_the_study(repo: Repo) -> None:
+def test_a_second_invocation_resumes_the_study(repo: Repo, s1: FirstInvocation) -> None:
     before = len(versions(repo))
+    trials, (parents, children) = len(study(repo, "s1").trials), runs_of(repo, "s1")
     repo.run(*TUNE, "--trials", "3", "--workers", "1", "--study", "s1", "model.epochs=3")
-    assert len(study(repo, "s1").trials) == 9
-    parents, children = runs_of(repo, "s1")
-    assert len(parents) == 2 and len(children) == 9
+    assert len(study(repo, "s1").trials) == trials + 3
+    parents_after, children_after = runs_of(repo, "s1")
+    assert len(parents_after) == len(parents) + 1
+    assert len(children_after) == len(children) + 3
     assert len(versions(repo)) == before + 1  # its best trial, offered once
 
 

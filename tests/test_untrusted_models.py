@@ -91,6 +91,7 @@ def _uris(crafted: CraftedStore) -> dict[str, str]:
             "run": f"runs:/{crafted.run_id}/model", "folder": str(crafted.folder)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["alias", "version", "run", "folder"])
 def test_predict_refuses_a_pickled_model(crafted: CraftedStore, reference: str) -> None:
     uri = _uris(crafted)[reference]
@@ -102,6 +103,7 @@ def test_predict_refuses_a_pickled_model(crafted: CraftedStore, reference: str) 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_pickle_file_itself_is_refused(crafted: CraftedStore) -> None:
     result = crafted.run("pipeline.predict", str(crafted.images),
                          "--model", str(crafted.folder / "model.pkl"),
@@ -122,6 +124,7 @@ def test_serve_refuses_the_pickled_champion_before_starting(crafted: CraftedStor
     assert not crafted.marker.exists()
 
 
+@pytest.mark.slow
 def test_the_loader_checks_the_mlmodel_file_before_downloading_the_model(
         crafted: CraftedStore) -> None:
     with pytest.raises(model_loader.UntrustedModelError, match="cloudpickle"):
@@ -145,6 +148,7 @@ def test_what_an_mlmodel_file_may_declare(flavors: dict, found: str) -> None:
     assert found in str(refused.value)
 
 
+@pytest.mark.slow
 def test_a_model_the_pipeline_logged_loads(tmp_path: Path) -> None:
     import mlflow
     import mlflow.sklearn
