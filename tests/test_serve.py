@@ -30,6 +30,7 @@ from tests.test_predict import trained_repo
 pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT = 90.0
+SERVER_LOGS: dict[str, Path] = {}  # url -> the server's stdout and stderr
 
 
 def _free_port() -> int:
@@ -100,6 +101,7 @@ def _start(command: list[str], repo: Repo, log_path: Path) -> tuple[subprocess.P
                             f"{log_path.read_text()[-3000:]}")
             try:
                 if _request(f"{url}/ping")[0] == 200:
+                    SERVER_LOGS[url] = log_path
                     return process, url
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -264,3 +266,45 @@ def test_the_signature_documents_the_contract(repo: Repo) -> None:
     assert flavor["class_names"] == CLASS_NAMES
     assert "integers 0-255" in flavor["input_contract"]
     assert info.flavors["sklearn"]["serialization_format"] == "skops"
+
+
+# --- Odd requests: a short JSON answer with the right status, no traceback in the server's log ---
+
+
+def _raw(server: str, method: str, body: bytes, content_type: str = "application/json",
+         path: str = "/invocations") -> tuple[int, dict[str, str], bytes]:
+    address = urllib.parse.urlsplit(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _assert_log_clean(server: str) -> None:
+    log = SERVER_LOGS[server].read_text()
+    for sign in ("Traceback", "Unexpected ASGI message", "RecursionError", "Exception in ASGI"):
+        assert sign not in log, log[-3000:]
+
+
+def test_json_nested_beyond_the_depth_limit_gets_400(server: str) -> None:
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, _, body = _raw(server, "POST", deep)
+    assert status == 400, body[:300]
+    assert "nested" in json.loads(body)["message"] and len(body) < 1024
+    # Brackets inside strings do not count; an escaped quote does not end a string.
+    status, _, body = _raw(server, "POST", b'{"inputs": "\\\"' + b"[" * 50 + b'"}')
+    assert status == 400 and "no images" in json.loads(body)["message"]
+    _assert_log_clean(server)
+
+
+@pytest.mark.parametrize("method", ["PUT", "GET", "DELETE", "PATCH"])
+def test_a_wrong_method_on_invocations_gets_405_in_json(server: str, method: str) -> None:
+    status, headers, body = _raw(server, method, json.dumps({"inputs": [[0] * 784]}).encode())
+    assert status == 405, body
+    assert headers.get("allow") == "POST" or headers.get("Allow") == "POST"
+    answer = json.loads(body)
+    assert answer["error_code"] == "METHOD_NOT_ALLOWED" and "POST" in answer["message"]
+    _assert_log_clean(server)
