@@ -308,3 +308,62 @@ def test_a_wrong_method_on_invocations_gets_405_in_json(server: str, method: str
     answer = json.loads(body)
     assert answer["error_code"] == "METHOD_NOT_ALLOWED" and "POST" in answer["message"]
     _assert_log_clean(server)
+
+
+# --- Bounded work: a worker, a queue of one, then 503; /ping answers all along -------------------
+
+
+@pytest.fixture(scope="module")
+def small_server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make serve` with one worker and one waiting place, and room for 5,000 images a request."""
+    process, url = _start(
+        [str(BIN / "python"), "-m", "pipeline.commands.serve", "--port", "{port}",
+         "--max-body-mb", "20", "--workers", "1", "--queue", "1"],
+        repo, tmp_path_factory.mktemp("serve-bounded") / "serve.log")
+    try:
+        yield url
+    finally:
+        _stop(process)
+
+
+def test_max_size_requests_beyond_the_queue_get_503_and_ping_stays_prompt(
+        small_server: str) -> None:
+    """Six 5,000-image requests at once: one runs, one waits, the rest get 503 + Retry-After;
+    meanwhile /ping and /health answer within a second (they once stalled for 11 s)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    body = json.dumps({"inputs": rng.integers(0, 256, (5000, 784)).tolist()}).encode()
+    assert len(body) > 15_000_000
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    pings: list[float] = []
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.is_set():
+            for path in ("/ping", "/health"):
+                start = time.monotonic()
+                status = _raw(small_server, "GET", b"", path=path)[0]
+                pings.append(time.monotonic() - start)
+                assert status == 200
+            time.sleep(0.05)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        with ThreadPoolExecutor(6) as clients:
+            answers = list(clients.map(lambda _: _raw(small_server, "POST", body), range(6)))
+    finally:
+        done.set()
+        pinger.join()
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses, statuses
+    for status, headers, text in answers:
+        if status == 503:
+            assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+            assert json.loads(text)["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        else:
+            assert len(json.loads(text)["predictions"]) == 5000
+    assert len(pings) >= 4 and max(pings) < 1.5, pings
+    _assert_log_clean(small_server)

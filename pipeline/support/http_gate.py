@@ -7,13 +7,21 @@ the size limit (413), another method than POST (405), another content type than 
 JSON nested deeper than any request needs (400, measured on the bytes before the decoder
 recurses), anything but JSON `inputs`/`instances` of integer pixels 0-255 in shape (n, 784) or
 (n, 28, 28) (400), checked by `pipeline.core.images`, the rule `predict` follows.
+
+Work is bounded: at most `workers` requests are checked and scored at once (the check in the
+gate's own threads, off the event loop, so `/ping` and `/health` keep answering), `queue` more
+may wait with their body read, and any request beyond those gets 503 with `Retry-After` before a
+byte of its body is read. Raw bodies in memory are at most (workers + queue) x the body limit,
+and only `workers` of them are being decoded at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -37,7 +45,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 def error_body(status: int, message: str) -> bytes:
     """MLflow's error format, cut to one line and under MAX_ERROR_BYTES."""
     code = {400: "BAD_REQUEST", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
-            415: "UNSUPPORTED_MEDIA_TYPE"}.get(
+            415: "UNSUPPORTED_MEDIA_TYPE", 503: "TEMPORARILY_UNAVAILABLE"}.get(
         status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
     line = " ".join(str(message).split())[:MAX_ERROR_BYTES // 2]
     return json.dumps({"error_code": code, "message": line}).encode()
@@ -46,9 +54,16 @@ def error_body(status: int, message: str) -> bytes:
 class Gate:
     """ASGI middleware in front of MLflow's scoring app: bounded, strict `/invocations`."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int,
+                 workers: int = 2, queue: int = 4) -> None:
+        if workers < 1 or queue < 0:
+            raise ValueError(f"workers={workers}, queue={queue}: expected workers >= 1, queue >= 0")
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.workers, self.queue = workers, queue
+        self.admitted = 0  # requests past the 503, running or waiting (only the loop touches it)
+        self._running = asyncio.Semaphore(workers)
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="gate-check")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/invocations":
@@ -59,12 +74,30 @@ class Gate:
                                       'JSON {"inputs": [[pixel, ...], ...]}',
                            [(b"allow", b"POST")])
             return
+        if self.admitted >= self.workers + self.queue:
+            await _respond(send, 503, f"busy: {self.workers} requests running and {self.queue} "
+                                      "waiting; retry in a second", [(b"retry-after", b"1")])
+            return
+        self.admitted += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.admitted -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         body, refusal = await self._read(scope, receive)
-        if refusal is None:
-            body, refusal = self._check(scope, body)
         if refusal is not None:
             await _respond(send, *refusal)
             return
+        async with self._running:  # MLflow scores in its own thread: both under the bound
+            loop = asyncio.get_running_loop()
+            body, refusal = await loop.run_in_executor(self._threads, self._check, scope, body)
+            if refusal is not None:
+                await _respond(send, *refusal)
+                return
+            await self._score(scope, body, send)
+
+    async def _score(self, scope: Scope, body: bytes, send: Send) -> None:
         sent = False
 
         async def replay() -> dict[str, Any]:
