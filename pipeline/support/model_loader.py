@@ -178,12 +178,31 @@ def load_model_files(read: Callable[[str, int], bytes], uri: str):
     try:
         meta = yaml.safe_load(read("MLmodel", MAX_MLMODEL_BYTES))
     except yaml.YAMLError as exc:
-        raise ModelFileError(f"{uri}: its MLmodel file is not YAML ({exc})") from None
+        raise ModelFileError(f"{uri}: {mlmodel_yaml_problem(exc)}") from None
     flavors = meta.get("flavors") if isinstance(meta, dict) else None
     if not isinstance(flavors, dict):
         raise ModelFileError(f"{uri}: its MLmodel file declares no flavors")
     name = trusted_model_file(uri, flavors)
     return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})")
+
+
+def mlmodel_yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: a `!!python/object` tag is refused, never constructed."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+    return f"its MLmodel file is not plain YAML data ({problem}{where}): refused"
+
+
+def inside_folder(folder: Path, name: str, uri: str) -> Path:
+    """`folder / name`, unless it or a symlink on its way leads out of `folder`."""
+    path = folder / name
+    target, root = path.resolve(), folder.resolve()
+    if not target.is_relative_to(root):
+        how = "a symlink out of" if path.is_symlink() else "out of"
+        raise UntrustedModelError(f"{uri}: {name} is {how} the model's folder (to {target}): "
+                                  "refused")
+    return path
 
 
 # --- What `--model` names ---------------------------------------------------------------------
@@ -375,6 +394,7 @@ def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
     stored code is imported and nothing is unpickled.
     """
     import mlflow.artifacts
+    import yaml
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
     from mlflow.pyfunc import PyFuncModel
@@ -382,11 +402,19 @@ def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
     try:
         check_model_uri(uri, tracking_uri)  # before anything else is downloaded
         local = Path(mlflow.artifacts.download_artifacts(uri))
-        meta = Model.load(local / "MLmodel")
+        meta = Model.load(inside_folder(local, "MLmodel", uri))
+        name = trusted_model_file(uri, meta.flavors)  # the files as downloaded, checked again
+        inside_folder(local, name, uri)
     except ModelFileError as exc:
         raise ServeError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ServeError(f"{uri}: {mlmodel_yaml_problem(exc)}") from None
     except (MlflowException, OSError) as exc:
         raise ServeError(f"{uri}: {getattr(exc, 'message', exc)}") from None
+    except Exception as exc:  # an MLmodel of the wrong shape, a store failing in its own way
+        message = " ".join(str(getattr(exc, "message", None) or exc).split())[:300]
+        raise ServeError(f"{uri}: cannot read the model ({type(exc).__name__}: "
+                         f"{message})") from None
     loader = meta.flavors.get(FLAVOR, {}).get("loader_module")
     if loader not in STORED_LOADER_MODULES:
         raise ServeError(f"{uri} is not a model this pipeline serves (python_function loader "
@@ -406,6 +434,6 @@ def _load_pyfunc(path: str) -> ServedModel:
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
-    flavors = Model.load(directory / "MLmodel").flavors
-    skops_file = directory / flavors["sklearn"]["pickled_model"]
+    flavors = Model.load(inside_folder(directory, "MLmodel", path)).flavors
+    skops_file = inside_folder(directory, trusted_model_file(path, flavors), path)
     return ServedModel(load(skops_file), flavors[FLAVOR]["class_names"])

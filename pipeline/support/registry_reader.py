@@ -113,9 +113,15 @@ def open_registry(tracking_uri: str) -> Registry:
 
 
 def local_reader(folder: Path) -> FileReader:
-    """Files of a version stored on this machine: regular files only, sizes capped."""
+    """Files of a version stored on this machine: regular files inside `folder` only (no
+    symlink out of it), sizes capped."""
 
     def read(name: str, limit: int) -> bytes:
+        path, root = (folder / name).resolve(), folder.resolve()
+        if not path.is_relative_to(root):  # MLflow's client refuses these too
+            how = "a symlink out of" if (folder / name).is_symlink() else "out of"
+            raise RegistryError(f"{folder / name} is {how} the model's folder (to {path}): "
+                                "refused")
         try:
             return read_bounded(folder / name, limit)
         except FileNotFoundError:
