@@ -367,3 +367,27 @@ def test_max_size_requests_beyond_the_queue_get_503_and_ping_stays_prompt(
             assert len(json.loads(text)["predictions"]) == 5000
     assert len(pings) >= 4 and max(pings) < 1.5, pings
     _assert_log_clean(small_server)
+
+
+def test_serve_answers_with_the_models_names_and_reports_differing_params(
+        repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import yaml
+
+    folder = tmp_path_factory.mktemp("swapped")
+    params = yaml.safe_load((repo.root / "params.yaml").read_text())
+    trained = list(params["data"]["class_names"])
+    params["data"]["class_names"][:2] = trained[1::-1]
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    process, url = _start(
+        [str(BIN / "python"), "-m", "pipeline.commands.serve", "--port", "{port}",
+         "--params", str(folder / "params.yaml")], repo, folder / "serve.log")
+    try:
+        X = _test_images(repo.root)
+        labels, _ = _expected(repo, X)
+        status, answer = _request(f"{url}/invocations", {"inputs": X.tolist()})
+    finally:
+        _stop(process)
+    assert status == 200, answer
+    assert [row["class_name"] for row in answer["predictions"]] == [trained[i] for i in labels]
+    log = (folder / "serve.log").read_text()
+    assert "warning: data.class_names in" in log and "serving the model's" in log

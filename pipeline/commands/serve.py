@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve: error: {resolved.explain(str(exc))}", file=sys.stderr)
         return model_loader.EXIT_MODEL
     model_uri = resolved.description
+    model_names = model.metadata.flavors.get("python_function", {}).get("class_names")
+    if model_names and model_names != list(cfg.data.class_names):  # the model's names are served
+        print(f"serve: warning: data.class_names in {args.params} differ from the names "
+              f"{model_uri} was trained with; serving the model's: {', '.join(model_names)}",
+              file=sys.stderr, flush=True)
     import uvicorn
     from mlflow.pyfunc import scoring_server
 

@@ -144,21 +144,44 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     return trusted_model_file(uri, Model.load(uri).flavors)
 
 
+def logged_class_names(uri: str, flavors: dict[str, Any]) -> list[str] | None:
+    """The class names the model was logged with (its pyfunc flavor), None if it has none."""
+    pyfunc = flavors.get(FLAVOR)
+    names = pyfunc.get("class_names") if isinstance(pyfunc, dict) else None
+    if names is None:
+        return None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ModelFileError(f"{uri}: the class_names of its MLmodel file are not a list of "
+                             "names")
+    return names
+
+
 def load_model_uri(uri: str, tracking_uri: str | None = None):
     """A logged or registered model (`models:/`, `runs:/`, a local MLflow model folder).
 
     The MLmodel file is checked first (`check_model_uri`); then only the skops file is fetched
     and rebuilt with the TRUSTED_TYPES. MLflow's own loaders are never called.
     """
+    return _load_model_uri(uri, tracking_uri)[0]
+
+
+def _load_model_uri(uri: str, tracking_uri: str | None) -> tuple[Any, list[str] | None]:
     import tempfile
 
+    import mlflow
     import mlflow.artifacts
+    from mlflow.models import Model
 
-    name = check_model_uri(uri, tracking_uri)
+    store.quiet_mlflow()
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    flavors = Model.load(uri).flavors
+    name = trusted_model_file(uri, flavors)
+    names = logged_class_names(uri, flavors)
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{name}",
                                                     dst_path=tmp)
-        return _rebuild(Path(local), f"{uri} ({name})")
+        return _rebuild(Path(local), f"{uri} ({name})"), names
 
 
 # Caps on what a model version's files may weigh: MLmodel is a page of YAML, the default model's
@@ -173,6 +196,11 @@ def load_model_files(read: Callable[[str, int], bytes], uri: str):
     The same checks as `load_model_uri` without MLflow: the MLmodel file first (parsed as plain
     YAML data), then only the skops file it names, rebuilt with the TRUSTED_TYPES.
     """
+    return _load_model_files(read, uri)[0]
+
+
+def _load_model_files(read: Callable[[str, int], bytes],
+                      uri: str) -> tuple[Any, list[str] | None]:
     import yaml
 
     try:
@@ -183,7 +211,8 @@ def load_model_files(read: Callable[[str, int], bytes], uri: str):
     if not isinstance(flavors, dict):
         raise ModelFileError(f"{uri}: its MLmodel file declares no flavors")
     name = trusted_model_file(uri, flavors)
-    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})")
+    names = logged_class_names(uri, flavors)
+    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})"), names
 
 
 def mlmodel_yaml_problem(exc: Exception) -> str:
@@ -340,21 +369,34 @@ def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
     return load_resolved(resolved), resolved.description
 
 
+def load_named_model(uri: str,
+                     mlflow_cfg: config.MlflowConfig) -> tuple[Any, list[str] | None, str]:
+    """As `load_model`, with the class names the model was logged with (None for a bare
+    `.skops` file or a model logged without them: the caller's parameter file names those)."""
+    resolved = resolve_model(uri, mlflow_cfg)
+    return (*load_resolved_named(resolved), resolved.description)
+
+
 MODEL_FORMS = ("; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
                "runs:/<run id>/model, an MLflow model folder or a .skops file")
 
 
 def load_resolved(resolved: ResolvedModel) -> Any:
     """The estimator of a resolved `--model`; ModelError names it and the way out."""
+    return load_resolved_named(resolved)[0]
+
+
+def load_resolved_named(resolved: ResolvedModel) -> tuple[Any, list[str] | None]:
+    """The estimator of a resolved `--model` and the class names it was logged with, if any."""
     uri, path = resolved.requested, Path(resolved.uri)
     try:
         if resolved.files is not None:
-            return load_model_files(resolved.files, resolved.uri)
+            return _load_model_files(resolved.files, resolved.uri)
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
-            return load_model_uri(resolved.uri, resolved.tracking_uri)
+            return _load_model_uri(resolved.uri, resolved.tracking_uri)
         if not path.exists():  # a path, or a URI mistyped: not a reason to retrain
             raise ModelError(f"{path} not found{MODEL_FORMS}")
-        return load(path)
+        return load(path), None
     except ModelFileError as exc:
         hint = "" if resolved.tracking_uri is not None or path.suffix == ".skops" else (
             MODEL_FORMS)
