@@ -267,8 +267,18 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
     Unsupported: a URI only MLflow resolves (a logged model id, `latest`, a stage).
     """
     parts = uri.removeprefix("models:/").split("/")  # read as MLflow's _parse_model_uri does
+    if len(parts) == 2 and parts[1].isdigit() and not _ascii_version(parts[1]):
+        raise ModelError(f"{uri}: a version is a number written with the digits 0-9, "
+                         f"not {parts[1]!r}")
     if len(parts) == 2 and parts[1].isdigit():
         (name, version), alias = parts, None
+        if int(version) > MAX_VERSION:  # no store holds it; PostgreSQL would answer with SQL
+            versions = registry.versions(name) if registry.aliases(name) is not None else None
+            if versions is None:
+                raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
+                                 "register one with `make train`")
+            raise ModelError(f"{name!r} has no version {version} "
+                             f"(versions: {', '.join(map(str, versions)) or 'none'})")
     elif len(parts) == 1 and "@" in parts[0]:
         (name, alias), version = parts[0].rsplit("@", 1), None
         if alias.lower() == "latest":  # not an alias: MLflow's name for the newest version
@@ -298,6 +308,13 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
     return found
 
 
+MAX_VERSION = 2**31 - 1  # MLflow's version column is a 32-bit integer in PostgreSQL
+
+
+def _ascii_version(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """What `--model` names: the URI to load (a registry alias pinned to its version)."""
@@ -323,7 +340,8 @@ def _pinned(registry: Callable[[], registry_reader.Registry], uri: str,
     except (ModelError, registry_reader.Unsupported):
         raise
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        message = registry_reader.short(
+            str(getattr(exc, "message", None) or exc) or type(exc).__name__)
         raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
     return ResolvedModel(uri, f"models:/{record.name}/{record.version}",
                          f"{uri} (version {record.version}, run {record.run_id})", tracking_uri,
@@ -406,7 +424,8 @@ def load_resolved_named(resolved: ResolvedModel) -> tuple[Any, list[str] | None]
     except registry_reader.RegistryError as exc:
         raise ModelError(resolved.explain(f"cannot read the model: {exc}")) from None
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        message = registry_reader.short(
+            str(getattr(exc, "message", None) or exc) or type(exc).__name__)
         raise ModelError(f"cannot load {uri} from {resolved.tracking_uri}: {message}") from None
 
 
