@@ -442,3 +442,16 @@ def test_a_bare_skops_file_is_named_by_the_parameter_file(repo: Repo, tmp_path: 
     assert [r["predictions"][0]["class"] for r in json.loads(result.stdout)] == [
         names[i] for i in labels]
     assert "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["bomb", "padded", "animated", "transparent"])
+def test_predict_refuses_animated_oversized_and_transparent_pngs(setup: Setup, capsys,
+                                                                 tmp_path: Path,
+                                                                 name: str) -> None:
+    from tests.test_labelled_images import crafted_pngs
+
+    path, reason = crafted_pngs(tmp_path)[name]
+    code, out, err = _cli(setup, capsys, path)
+    assert code == 1 and out == "", err
+    assert err.startswith(f"predict: error: {path}: ")
+    assert reason in err and len(err.strip().splitlines()) == 1
