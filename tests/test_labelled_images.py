@@ -142,3 +142,73 @@ def test_extra_path_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "extra").write_text("oops")
     with pytest.raises(ExtraDataError, match="is not a folder"):
         load_extra(tmp_path / "extra", CLASS_NAMES)
+
+
+# --- PNGs that decode to a plausible image but must not be used ---------------------------------
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def crafted_pngs(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Hostile or misleading 28x28 gray PNGs, each with the reason it must be refused."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
+    rows = b"".join(b"\x00" + bytes(28) for _ in range(28))
+    bomb = zlib.compress(rows + bytes(20_000_000), 9)  # 20 MB of zeros after the image
+    files = {
+        "bomb": (b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", bomb) + _chunk(b"IEND", b""),
+                 "more image data than a 28x28 image needs"),
+        "padded": (b"\x89PNG\r\n\x1a\n" + header
+                   + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IDAT", bytes(100_000))
+                   + _chunk(b"IEND", b""), "more image data than a 28x28 image needs"),
+    }
+    paths = {}
+    for name, (data, reason) in files.items():
+        (folder / f"{name}.png").write_bytes(data)
+        paths[name] = (folder / f"{name}.png", reason)
+    frames = [Image.fromarray(np.zeros((28, 28), np.uint8)),
+              Image.fromarray(np.full((28, 28), 200, np.uint8))]
+    frames[0].save(folder / "animated.png", save_all=True, append_images=frames[1:])
+    paths["animated"] = (folder / "animated.png", "animated PNG")
+    Image.fromarray(_image(7)).save(folder / "transparent.png", transparency=7)
+    paths["transparent"] = (folder / "transparent.png", "transparency (a tRNS chunk)")
+    return paths
+
+
+@pytest.mark.parametrize("name", ["bomb", "padded", "animated", "transparent"])
+def test_animated_oversized_and_transparent_pngs_are_refused(tmp_path: Path, name: str) -> None:
+    path, reason = crafted_pngs(tmp_path / "coat")[name]
+    for other, _ in crafted_pngs(tmp_path / "coat").values():
+        if other != path:
+            other.unlink()
+    problems = validate_extra(tmp_path, CLASS_NAMES)
+    assert len(problems) == 1 and problems[0].path == path
+    assert reason in str(problems[0]), str(problems[0])
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        read_png(path)
+
+
+def test_a_plain_gray_png_with_several_idat_chunks_still_reads(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    rows = b"".join(b"\x00" + bytes(range(i, i + 28)) for i in range(28))
+    compressed = zlib.compress(rows)
+    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
+            + _chunk(b"IDAT", compressed[:100]) + _chunk(b"IDAT", compressed[100:])
+            + _chunk(b"IEND", b""))
+    (tmp_path / "coat").mkdir()
+    (tmp_path / "coat" / "split.png").write_bytes(data)
+    image = read_png(tmp_path / "coat" / "split.png")
+    assert image[5, 3] == 8 and image.shape == (28, 28)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.commands import predict
 from pipeline.core.estimator import SoftmaxRegression
@@ -394,3 +395,63 @@ def test_real_test_images_get_the_evaluate_stage_classes(tmp_path: Path) -> None
     assert [p["probability"] for p in shown] == pytest.approx(proba.max(axis=1))
     accuracy = np.mean(model.predict(X) == read_idx(real / "t10k-labels-idx1-ubyte.gz"))
     assert 0.8 < accuracy < 0.95
+
+
+def _swapped_params(repo: Repo, destination: Path) -> Path:
+    """The repository's params.yaml with the first two class names swapped."""
+    params = yaml.safe_load((repo.root / "params.yaml").read_text())
+    names = params["data"]["class_names"]
+    names[0], names[1] = names[1], names[0]
+    destination.write_text(yaml.safe_dump(params, sort_keys=False))
+    return destination
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["champion", "run"])
+def test_the_model_names_its_classes_and_differing_params_are_reported(
+        repo: Repo, tmp_path: Path, model: str) -> None:
+    """Swapping two of params.yaml's class names once relabelled every answer of the champion."""
+    params = _swapped_params(repo, tmp_path / "params.yaml")
+    with np.load(repo.root / "data" / "split" / "test.npz") as test:
+        X = test["X"][::10]
+    np.save(tmp_path / "some.npy", X)
+    uri = ([] if model == "champion"
+           else ["--model", f"runs:/{repo.json('models/run.json')['run_id']}/model"])
+    result = _predict_in(repo, str(tmp_path / "some.npy"), "--json", "--params", str(params),
+                         *uri)
+    assert result.returncode == 0, result.stderr
+    labels = model_loader.load(repo.root / "models" / "model.skops").predict(X)
+    trained = yaml.safe_load((repo.root / "params.yaml").read_text())["data"]["class_names"]
+    records = json.loads(result.stdout)
+    assert [r["predictions"][0]["class"] for r in records] == [trained[i] for i in labels]
+    assert {0, 1} & set(labels.tolist())  # the swapped names would show
+    assert "warning: data.class_names in" in result.stderr and "using the model's" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_bare_skops_file_is_named_by_the_parameter_file(repo: Repo, tmp_path: Path) -> None:
+    params = _swapped_params(repo, tmp_path / "params.yaml")
+    with np.load(repo.root / "data" / "split" / "test.npz") as test:
+        X = test["X"][::10]
+    np.save(tmp_path / "some.npy", X)
+    result = _predict_in(repo, str(tmp_path / "some.npy"), "--json", "--params", str(params),
+                         "--model", "models/model.skops")
+    assert result.returncode == 0, result.stderr
+    names = yaml.safe_load(params.read_text())["data"]["class_names"]
+    labels = model_loader.load(repo.root / "models" / "model.skops").predict(X)
+    assert [r["predictions"][0]["class"] for r in json.loads(result.stdout)] == [
+        names[i] for i in labels]
+    assert "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["bomb", "padded", "animated", "transparent"])
+def test_predict_refuses_animated_oversized_and_transparent_pngs(setup: Setup, capsys,
+                                                                 tmp_path: Path,
+                                                                 name: str) -> None:
+    from tests.test_labelled_images import crafted_pngs
+
+    path, reason = crafted_pngs(tmp_path)[name]
+    code, out, err = _cli(setup, capsys, path)
+    assert code == 1 and out == "", err
+    assert err.startswith(f"predict: error: {path}: ")
+    assert reason in err and len(err.strip().splitlines()) == 1

@@ -387,3 +387,78 @@ def test_tls_follows_mlflows_variables(https_server, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
     monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
     store.check_server(url)
+
+
+# --- A real `mlflow server` on a copy of the store: odd names and versions ---------------------
+
+
+@pytest.fixture(scope="module")
+def rest_server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` on a copy of the registry, with one more model, named `x'y`."""
+    import shutil
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("rest-store")
+    shutil.copy(registry.root / "mlflow.db", root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db:
+        (folder,), = db.execute("SELECT storage_location FROM model_versions WHERE version = 2")
+    client.create_registered_model("x'y")
+    client.create_model_version("x'y", folder)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(root / "server.log", "w")  # noqa: SIM115 (open while the server runs)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("uri", "message"), [
+    ("models:/x'y/9", "\"x'y\" has no version 9 (versions: 1)"),
+    (f"models:/{MODEL_NAME}/{10**23}", f"has no version {10**23} (versions: 2, 3)"),
+    (f"models:/{MODEL_NAME}/\u0661", "a version is a number written with the digits 0-9"),
+])
+def test_odd_names_and_versions_against_a_server(registry: Registry, rest_server: str,
+                                                 uri: str, message: str) -> None:
+    np.save(registry.root / "x.npy", registry.X[:1])
+    code, out, err = _predict(registry, "x.npy", "--model", uri, "--params",
+                              str(registry.params), MLFLOW_TRACKING_URI=rest_server)
+    assert out.splitlines()[-1].endswith(" 3"), err
+    assert message in err and len(err.encode()) < 1024 and "Traceback" not in err, err
+
+
+def test_a_servers_long_error_is_cut_to_one_short_line() -> None:
+    line = registry_reader.short("SELECT model_versions.name ...\n" + "x " * 2000)
+    assert len(line) <= registry_reader.MAX_MESSAGE_CHARS and "\n" not in line
+    assert registry_reader.filter_string("x'y") == 'name="x\'y"'
+    assert registry_reader.filter_string('a"b') == "name='a\"b'"

@@ -30,6 +30,7 @@ from tests.test_predict import trained_repo
 pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT = 90.0
+SERVER_LOGS: dict[str, Path] = {}  # url -> the server's stdout and stderr
 
 
 def _free_port() -> int:
@@ -100,6 +101,7 @@ def _start(command: list[str], repo: Repo, log_path: Path) -> tuple[subprocess.P
                             f"{log_path.read_text()[-3000:]}")
             try:
                 if _request(f"{url}/ping")[0] == 200:
+                    SERVER_LOGS[url] = log_path
                     return process, url
             except (urllib.error.URLError, ConnectionError):
                 pass
@@ -264,3 +266,128 @@ def test_the_signature_documents_the_contract(repo: Repo) -> None:
     assert flavor["class_names"] == CLASS_NAMES
     assert "integers 0-255" in flavor["input_contract"]
     assert info.flavors["sklearn"]["serialization_format"] == "skops"
+
+
+# --- Odd requests: a short JSON answer with the right status, no traceback in the server's log ---
+
+
+def _raw(server: str, method: str, body: bytes, content_type: str = "application/json",
+         path: str = "/invocations") -> tuple[int, dict[str, str], bytes]:
+    address = urllib.parse.urlsplit(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def _assert_log_clean(server: str) -> None:
+    log = SERVER_LOGS[server].read_text()
+    for sign in ("Traceback", "Unexpected ASGI message", "RecursionError", "Exception in ASGI"):
+        assert sign not in log, log[-3000:]
+
+
+def test_json_nested_beyond_the_depth_limit_gets_400(server: str) -> None:
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, _, body = _raw(server, "POST", deep)
+    assert status == 400, body[:300]
+    assert "nested" in json.loads(body)["message"] and len(body) < 1024
+    # Brackets inside strings do not count; an escaped quote does not end a string.
+    status, _, body = _raw(server, "POST", b'{"inputs": "\\\"' + b"[" * 50 + b'"}')
+    assert status == 400 and "no images" in json.loads(body)["message"]
+    _assert_log_clean(server)
+
+
+@pytest.mark.parametrize("method", ["PUT", "GET", "DELETE", "PATCH"])
+def test_a_wrong_method_on_invocations_gets_405_in_json(server: str, method: str) -> None:
+    status, headers, body = _raw(server, method, json.dumps({"inputs": [[0] * 784]}).encode())
+    assert status == 405, body
+    assert headers.get("allow") == "POST" or headers.get("Allow") == "POST"
+    answer = json.loads(body)
+    assert answer["error_code"] == "METHOD_NOT_ALLOWED" and "POST" in answer["message"]
+    _assert_log_clean(server)
+
+
+# --- Bounded work: a worker, a queue of one, then 503; /ping answers all along -------------------
+
+
+@pytest.fixture(scope="module")
+def small_server(repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make serve` with one worker and one waiting place, and room for 5,000 images a request."""
+    process, url = _start(
+        [str(BIN / "python"), "-m", "pipeline.commands.serve", "--port", "{port}",
+         "--max-body-mb", "20", "--workers", "1", "--queue", "1"],
+        repo, tmp_path_factory.mktemp("serve-bounded") / "serve.log")
+    try:
+        yield url
+    finally:
+        _stop(process)
+
+
+def test_max_size_requests_beyond_the_queue_get_503_and_ping_stays_prompt(
+        small_server: str) -> None:
+    """Six 5,000-image requests at once: one runs, one waits, the rest get 503 + Retry-After;
+    meanwhile /ping and /health answer within a second (they once stalled for 11 s)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    body = json.dumps({"inputs": rng.integers(0, 256, (5000, 784)).tolist()}).encode()
+    assert len(body) > 15_000_000
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    pings: list[float] = []
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.is_set():
+            for path in ("/ping", "/health"):
+                start = time.monotonic()
+                status = _raw(small_server, "GET", b"", path=path)[0]
+                pings.append(time.monotonic() - start)
+                assert status == 200
+            time.sleep(0.05)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        with ThreadPoolExecutor(6) as clients:
+            answers = list(clients.map(lambda _: _raw(small_server, "POST", body), range(6)))
+    finally:
+        done.set()
+        pinger.join()
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses, statuses
+    for status, headers, text in answers:
+        if status == 503:
+            assert {k.lower(): v for k, v in headers.items()}["retry-after"] == "1"
+            assert json.loads(text)["error_code"] == "TEMPORARILY_UNAVAILABLE"
+        else:
+            assert len(json.loads(text)["predictions"]) == 5000
+    assert len(pings) >= 4 and max(pings) < 1.5, pings
+    _assert_log_clean(small_server)
+
+
+def test_serve_answers_with_the_models_names_and_reports_differing_params(
+        repo: Repo, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import yaml
+
+    folder = tmp_path_factory.mktemp("swapped")
+    params = yaml.safe_load((repo.root / "params.yaml").read_text())
+    trained = list(params["data"]["class_names"])
+    params["data"]["class_names"][:2] = trained[1::-1]
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    process, url = _start(
+        [str(BIN / "python"), "-m", "pipeline.commands.serve", "--port", "{port}",
+         "--params", str(folder / "params.yaml")], repo, folder / "serve.log")
+    try:
+        X = _test_images(repo.root)
+        labels, _ = _expected(repo, X)
+        status, answer = _request(f"{url}/invocations", {"inputs": X.tolist()})
+    finally:
+        _stop(process)
+    assert status == 200, answer
+    assert [row["class_name"] for row in answer["predictions"]] == [trained[i] for i in labels]
+    log = (folder / "serve.log").read_text()
+    assert "warning: data.class_names in" in log and "serving the model's" in log

@@ -212,3 +212,42 @@ def test_worker_seeds_differ_between_invocations_and_workers() -> None:
     # On the embedded store a seeded invocation is reproducible.
     assert worker_seed(0, 1, 5) == worker_seed(0, 1, 5) == 1005
     assert worker_seed(None, 0, 0, "run-a") is None
+
+
+def test_more_workers_than_cores_gets_a_warning(repo: Repo) -> None:
+    cores = os.cpu_count() or 1
+    result = repo.run(*TUNE, "--workers", str(cores + 1), "--study", "bad",
+                      "search.space.learning_rate.low=-1", check=False)
+    assert result.returncode == 1
+    assert (f"tune: warning: --workers {cores + 1} is more than the {cores} cores of this "
+            "machine") in result.stderr
+
+
+def test_ctrl_c_stops_the_workers_with_one_line(repo: Repo) -> None:
+    process = subprocess.Popen([*TUNE, "--trials", "8", "--workers", "2", "--study", "s-int",
+                                "model.epochs=5000", "search.pruner=none"],
+                               cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        running = []
+        while len(running) < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                running = [t for t in study(repo, "s-int").trials if t.state.name == "RUNNING"]
+            except KeyError:  # the study is not created yet
+                continue
+        assert len(running) == 2, "the workers did not start their trials"
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.count("tune: interrupted") == 1
+    assert not [t for t in study(repo, "s-int").trials if t.state.name == "RUNNING"]
+    parents, children = runs_of(repo, "s-int")
+    assert [run.info.status for run in parents] == ["KILLED"]
+    assert all(run.info.status != "RUNNING" for run in children)

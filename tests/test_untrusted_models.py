@@ -191,3 +191,106 @@ def test_versions_logged_with_either_loader_name_load(tmp_path: Path, loader: st
     assert pyfunc.predict(X)["class_name"].tolist() == expected
     served = model_loader.load_served_model(str(folder))
     assert served.predict(X)["class_name"].tolist() == expected
+
+
+# --- A model the pipeline logged, then tampered with in the store -------------------------------
+
+LOG_PIPELINE_MODELS = textwrap.dedent("""
+    import sys
+    import mlflow
+    import numpy as np
+    from pipeline.core.estimator import SoftmaxRegression
+    from pipeline.support import pyfunc_model
+
+    mlflow.set_tracking_uri(sys.argv[1])
+    X = np.random.default_rng(0).integers(0, 256, (40, 784)).astype(np.uint8)
+    estimator = SoftmaxRegression(epochs=1, random_state=0).fit(X, np.arange(40) % 10)
+    for name in sys.argv[2:]:
+        with mlflow.start_run():
+            info = pyfunc_model.log_model(estimator, [f"c{i}" for i in range(10)],
+                                          registered_model_name=name)
+        print(name, mlflow.MlflowClient().get_model_version(name, "1").source)
+""")
+
+
+@dataclass
+class TamperedStore:
+    crafted: CraftedStore  # its params and images
+    tracking_uri: str
+    folders: dict[str, Path]  # registered name -> the version's folder in the store
+
+    def run(self, module: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**self.crafted.env(), "MLFLOW_TRACKING_URI": self.tracking_uri}
+        return subprocess.run([sys.executable, "-m", module, *args, "--params",
+                               str(self.crafted.params)], cwd=self.crafted.root, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+
+def _artifact_folder(root: Path) -> Path:
+    """The version's folder on disk: the newest folder under the store holding an MLmodel."""
+    return max((path.parent for path in root.rglob("MLmodel")), key=lambda p: p.stat().st_mtime)
+
+
+@pytest.fixture(scope="module")
+def tampered(tmp_path_factory: pytest.TempPathFactory, crafted: CraftedStore) -> TamperedStore:
+    root = tmp_path_factory.mktemp("tampered")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    folders = {}
+    for name in ("yaml-tag", "link-out"):
+        logged = subprocess.run(
+            [sys.executable, "-c", LOG_PIPELINE_MODELS, tracking_uri, name], cwd=root,
+            env={**crafted.env(), "MLFLOW_TRACKING_URI": tracking_uri},
+            capture_output=True, text=True, timeout=300)
+        assert logged.returncode == 0, logged.stderr[-3000:]
+        folders[name] = _artifact_folder(root)
+    assert len(set(folders.values())) == 2
+    # A YAML tag that would build a Python object, in the MLmodel file of version 1.
+    mlmodel = folders["yaml-tag"] / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text() + "hostile: !!python/object/apply:os.system ['true']\n")
+    # The skops file replaced by a symlink to a copy outside the model's folder.
+    skops_file = folders["link-out"] / "model.skops"
+    outside = root / "outside.skops"
+    skops_file.rename(outside)
+    skops_file.symlink_to(outside)
+    return TamperedStore(crafted, tracking_uri, folders)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["pipeline.predict", "pipeline.commands.serve"])
+def test_a_python_object_tag_in_mlmodel_gets_one_line_and_exit_3(tampered: TamperedStore,
+                                                                 command: str) -> None:
+    args = ([str(tampered.crafted.images)] if command == "pipeline.predict" else ["--port", "1"])
+    result = tampered.run(command, *args, "--model", "models:/yaml-tag/1")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "/ping" not in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "models:/yaml-tag/1" in result.stderr and "MLmodel" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["pipeline.predict", "pipeline.commands.serve"])
+def test_a_model_file_linked_out_of_its_folder_is_refused(tampered: TamperedStore,
+                                                          command: str) -> None:
+    args = ([str(tampered.crafted.images)] if command == "pipeline.predict" else ["--port", "1"])
+    result = tampered.run(command, *args, "--model", "models:/link-out/1")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "/ping" not in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "symlink" in result.stderr and "model.skops" in result.stderr
+
+
+def test_the_registry_readers_local_files_stay_in_the_folder(tmp_path: Path) -> None:
+    from pipeline.support import registry_reader
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret").write_bytes(b"outside")
+    (folder / "inside").write_bytes(b"inside")
+    (folder / "link-in").symlink_to(folder / "inside")
+    (folder / "link-out").symlink_to(tmp_path / "secret")
+    read = registry_reader.local_reader(folder)
+    assert read("link-in", 100) == b"inside"
+    with pytest.raises(registry_reader.RegistryError, match="symlink out of"):
+        read("link-out", 100)
+    with pytest.raises(registry_reader.RegistryError, match="out of"):
+        read("../secret", 100)

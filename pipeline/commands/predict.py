@@ -26,6 +26,11 @@ most probable classes and their probabilities as an aligned table; with --json a
 image per line: {"source": file, "index": position in the file (null for a PNG), "predictions":
 [{"class", "label", "probability"}, ...]}. The model used is named on stderr.
 
+Class names: a logged model carries the names it was trained with (the `class_names` of its
+pyfunc flavor in MLmodel) and those are used; a `data.class_names` in the parameter file that
+differs is reported on stderr and ignored. A bare `.skops` file holds no names (the estimator
+knows only label indices), so the parameter file's `data.class_names` name its labels.
+
 Exit codes: 0 done; 1 an unreadable or invalid input or parameter file (every bad input is
 named); 2 bad usage; 3 the model or the MLflow store cannot be found or loaded.
 """
@@ -44,7 +49,12 @@ import numpy as np
 
 from pipeline.core.images import Batch, InputError, read_inputs
 from pipeline.support import config, store
-from pipeline.support.model_loader import EXIT_MODEL, ModelError, check_model, load_model
+from pipeline.support.model_loader import (
+    EXIT_MODEL,
+    ModelError,
+    check_model,
+    load_named_model,
+)
 
 EXIT_INPUT = 1
 
@@ -141,7 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INPUT
     uri = args.model or store.model_uri(cfg.mlflow)
     try:
-        model, description = load_model(uri, cfg.mlflow)
+        model, model_names, description = load_named_model(uri, cfg.mlflow)
+        if model_names is not None:
+            if model_names != class_names:
+                print(f"predict: warning: data.class_names in {args.params} differ from the "
+                      f"names {description} was trained with; using the model's: "
+                      f"{', '.join(model_names)}", file=sys.stderr)
+            class_names = model_names
         labels = check_model(model, class_names)
     except ModelError as exc:
         print(f"predict: error: {exc}", file=sys.stderr)

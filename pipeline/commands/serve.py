@@ -1,7 +1,7 @@
 """Serve a registered model over HTTP (`make serve`): MLflow's scoring server behind a strict gate.
 
 Usage: python -m pipeline.commands.serve [--model URI] [--port 5001] [--max-body-mb 16]
-                                         [--params params.yaml]
+                                         [--workers 2] [--queue 4] [--params params.yaml]
 
 The model is the champion of the configured registered model unless --model names another, and
 the store is the project's (`pipeline.support.store`). MLflow's own server (`mlflow models serve`)
@@ -39,10 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-body-mb", type=float, default=16.0,
                         help="largest request body accepted, in MB (default 16: about 4,000 "
                              "images); larger ones get HTTP 413")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="requests checked and scored at once (default 2)")
+    parser.add_argument("--queue", type=int, default=4,
+                        help="requests that may wait for a worker (default 4); beyond them "
+                             "HTTP 503 with Retry-After. Peak memory grows with the body limit "
+                             "times workers + queue")
     parser.add_argument("--params", default=config.PARAMS_FILE)
     args = parser.parse_args(argv)
     if args.max_body_mb <= 0:
         parser.error(f"--max-body-mb={args.max_body_mb}: expected a positive number")
+    if args.workers < 1 or args.queue < 0:
+        parser.error(f"--workers={args.workers} --queue={args.queue}: expected at least one "
+                     "worker and a queue of 0 or more")
     try:
         cfg = config.load(args.params)
     except config.ConfigError as exc:
@@ -65,12 +74,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve: error: {resolved.explain(str(exc))}", file=sys.stderr)
         return model_loader.EXIT_MODEL
     model_uri = resolved.description
+    model_names = model.metadata.flavors.get("python_function", {}).get("class_names")
+    if model_names and model_names != list(cfg.data.class_names):  # the model's names are served
+        print(f"serve: warning: data.class_names in {args.params} differ from the names "
+              f"{model_uri} was trained with; serving the model's: {', '.join(model_names)}",
+              file=sys.stderr, flush=True)
     import uvicorn
     from mlflow.pyfunc import scoring_server
 
     print(f"serve: {model_uri} from {uri} on http://{args.host}:{args.port} "
           "(/ping, /invocations)", flush=True)
-    app = Gate(scoring_server.init(model), int(args.max_body_mb * 1_000_000))
+    app = Gate(scoring_server.init(model), int(args.max_body_mb * 1_000_000),
+               workers=args.workers, queue=args.queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

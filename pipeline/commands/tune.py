@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import time
@@ -40,6 +42,7 @@ from pipeline.support.workspace import project_root
 STORAGE_ENV = "OPTUNA_STORAGE"
 STORAGE_FILE = "optuna.db"
 DEFAULT_SEARCH = "softmax"
+INTERRUPT_GRACE_SECONDS = 30.0  # for the workers to mark their trials FAIL after a Ctrl-C
 # A worker that stops sending heartbeats for GRACE seconds is dead: its trial becomes FAIL.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 2, 10
 
@@ -187,6 +190,8 @@ class Objective:
             def on_epoch(record: dict[str, Any]) -> None:
                 epoch = record["epoch"]
                 curves.extend(tracking.epoch_metrics(record))  # logged after the fit
+                if _stop_requested:  # Ctrl-C, honoured here where stopping is clean
+                    raise KeyboardInterrupt
                 trial.report(record[plan.space.epoch_key], epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(
@@ -223,27 +228,47 @@ class Objective:
             mlflow.end_run(status)
 
 
+_stop_requested = False  # set by Ctrl-C in a worker (`work`)
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
+def _not_an_interrupt(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial that Ctrl-C stopped with its traceback: the parent says it in a line."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 def work(plan: Plan, worker: int, tickets: Any) -> None:
-    """A worker process: run trials while the invocation's budget (`tickets`) lasts."""
+    """A worker process: run trials while the invocation's budget (`tickets`) lasts.
 
-    from pipeline.core.estimator import TrainingDivergedError
+    Started with SIGINT ignored (`run_workers`), so a Ctrl-C while it imports is no traceback.
+    From here Ctrl-C only sets a flag: the trial stops at its next epoch (Optuna and MLflow mark
+    it FAIL(ED)) and the worker at its next trial, in silence, never inside a library's code;
+    the parent reports the interruption once.
+    """
+    signal.signal(signal.SIGINT, _request_stop)
+    try:
+        from pipeline.core.estimator import TrainingDivergedError
 
-    tracking.fail_runs_on_sigterm()
-    store.connect(plan.cfg.mlflow)
-    objective = Objective(plan)
-    shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
-    study = load_study(plan, worker_seed(plan.seed, worker, plan.trials_before, shared))
-    while plan.deadline is None or time.time() < plan.deadline:
-        with tickets.get_lock():
-            if tickets.value <= 0:
-                return
-            tickets.value -= 1
-        try:
+        tracking.fail_runs_on_sigterm()
+        logging.getLogger("optuna.study._optimize").addFilter(_not_an_interrupt)
+        store.connect(plan.cfg.mlflow)
+        objective = Objective(plan)
+        shared = plan.parent_run_id if os.environ.get(STORAGE_ENV) else None
+        study = load_study(plan, worker_seed(plan.seed, worker, plan.trials_before, shared))
+        while (plan.deadline is None or time.time() < plan.deadline) and not _stop_requested:
+            with tickets.get_lock():
+                if tickets.value <= 0:
+                    return
+                tickets.value -= 1
             study.optimize(objective, n_trials=1,
                            catch=(TrainingDivergedError, config.ConfigError),
                            callbacks=[lambda _, trial: _report(worker, trial, plan.space)])
-        except KeyboardInterrupt:  # Ctrl-C: Optuna and MLflow have marked the trial FAIL(ED)
-            return
+    except KeyboardInterrupt:
+        return
 
 
 def _report(worker: int, trial: Any, space: search.SearchSpace) -> None:
@@ -277,10 +302,23 @@ def run_workers(plan: Plan, n_trials: int, n_workers: int) -> list[int]:
     tickets = context.Value("i", n_trials)
     processes = [context.Process(target=work, args=(plan, worker, tickets),
                                  name=f"tune-worker-{worker}") for worker in range(n_workers)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: quiet while importing
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:  # the workers had it too: let them close their trials, then go
+        deadline = time.monotonic() + INTERRUPT_GRACE_SECONDS
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():  # still importing (SIGINT ignored) or stuck: SIGTERM
+                process.terminate()
+                process.join()
+        raise
     return [process.exitcode for process in processes]
 
 
@@ -438,6 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
         parser.error("--trials and --workers must be >= 1, --timeout > 0")
+    cores = os.cpu_count() or 1
+    if args.workers > cores:
+        print(f"tune: warning: --workers {args.workers} is more than the {cores} cores of this "
+              "machine: the workers will share them, each trial running slower",
+              file=sys.stderr, flush=True)
     tracking.fail_runs_on_sigterm()
     try:
         cfg, space = compose(args.overrides)

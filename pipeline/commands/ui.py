@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import quote
 
-from pipeline.support import config, errors, store
+from pipeline.support import config, errors, store, tracking
 from pipeline.support.workspace import child_env, venv_tool
 
 
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.show_traceback(exc)
         print(f"ui: error: {exc}", file=sys.stderr)
         return 1
+    tracking.fail_killed_runs(cfg.mlflow.experiment)  # no run of a dead process shown RUNNING
     local = store.is_local(uri)
     base = f"http://{args.host}:{args.port}" if local else uri.rstrip("/")
     for line in links(base, cfg):

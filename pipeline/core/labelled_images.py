@@ -9,7 +9,11 @@ in a folder name) can be written `t-shirt_top`, `T-shirt-top`, `tshirt_top` or `
 Accepted images: PNG files (extension `.png` in any case) of exactly 28x28 pixels in mode "L"
 (8-bit grayscale, no alpha), the format of Fashion-MNIST itself. Other modes are refused rather
 than converted, because a colour, alpha or 16-bit image is most likely not what its author
-meant to add, and a silent conversion would hide that.
+meant to add, and a silent conversion would hide that. For the same reason a gray PNG with a
+tRNS chunk (one gray value declared transparent: alpha by another name) is refused, and so is
+an animated PNG (an `acTL` chunk: only its first frame would be read) and a PNG whose image data
+(IDAT) holds more than a 28x28 image needs, compressed or decompressed (a zlib bomb would
+otherwise be decompressed, or silently cut, behind an image that looks fine).
 
 Ignored: files without a `.png` extension anywhere (.gitignore, README, .DS_Store) and hidden
 entries (names starting with "."; this covers macOS `._x.png` resource forks). Everything else
@@ -23,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +134,40 @@ _DECODE_ERRORS = (
 )
 
 
+def _check_chunks(data: bytes, bit_depth: int) -> None:
+    """Refuse, from the PNG's chunks, an animation, transparency, or image data (IDAT) beyond
+    what a 28x28 gray image of `bit_depth` needs; a malformed chunk list is left to Pillow."""
+    width, height = IMAGE_SIZE
+    # One filter byte per row, Adam7 interlacing adds at most 26 more rows of 1 filter byte.
+    raw_needed = height * (1 + -(-width * bit_depth // 8)) + 26
+    compressed_allowed = raw_needed + raw_needed // 8 + 64  # stored blocks, zlib framing
+    idat, position = [], 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        if kind == b"acTL":
+            raise ImageError("animated PNG (an acTL chunk): save one 28x28 frame, without "
+                             "animation")
+        if kind == b"tRNS":
+            raise ImageError("image mode 'L' with transparency (a tRNS chunk), expected 8-bit "
+                             "grayscale without alpha; save it without transparency")
+        if kind == b"IDAT":
+            idat.append(body)
+            if sum(map(len, idat)) > compressed_allowed:
+                raise ImageError("more image data than a 28x28 image needs (over "
+                                 f"{compressed_allowed} bytes of IDAT)")
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    try:
+        raw = zlib.decompressobj().decompress(b"".join(idat), raw_needed + 1)
+    except zlib.error:
+        return  # Pillow names the damage
+    if len(raw) > raw_needed:
+        raise ImageError("more image data than a 28x28 image needs (it decompresses to over "
+                         f"{raw_needed} bytes)")
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """Decode one extra image, or raise ImageError saying what is wrong with it."""
     with warnings.catch_warnings():
@@ -147,6 +187,7 @@ def decode_png(data: bytes) -> np.ndarray:
                         "grayscale without alpha); convert it first, e.g. with Pillow's "
                         "Image.convert('L')"
                     )
+                _check_chunks(data, data[24] if data[12:16] == b"IHDR" else 8)  # bit depth
                 image.load()
                 array = np.asarray(image, dtype=np.uint8).copy()
         except ImageError:

@@ -144,21 +144,44 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     return trusted_model_file(uri, Model.load(uri).flavors)
 
 
+def logged_class_names(uri: str, flavors: dict[str, Any]) -> list[str] | None:
+    """The class names the model was logged with (its pyfunc flavor), None if it has none."""
+    pyfunc = flavors.get(FLAVOR)
+    names = pyfunc.get("class_names") if isinstance(pyfunc, dict) else None
+    if names is None:
+        return None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ModelFileError(f"{uri}: the class_names of its MLmodel file are not a list of "
+                             "names")
+    return names
+
+
 def load_model_uri(uri: str, tracking_uri: str | None = None):
     """A logged or registered model (`models:/`, `runs:/`, a local MLflow model folder).
 
     The MLmodel file is checked first (`check_model_uri`); then only the skops file is fetched
     and rebuilt with the TRUSTED_TYPES. MLflow's own loaders are never called.
     """
+    return _load_model_uri(uri, tracking_uri)[0]
+
+
+def _load_model_uri(uri: str, tracking_uri: str | None) -> tuple[Any, list[str] | None]:
     import tempfile
 
+    import mlflow
     import mlflow.artifacts
+    from mlflow.models import Model
 
-    name = check_model_uri(uri, tracking_uri)
+    store.quiet_mlflow()
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    flavors = Model.load(uri).flavors
+    name = trusted_model_file(uri, flavors)
+    names = logged_class_names(uri, flavors)
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{name}",
                                                     dst_path=tmp)
-        return _rebuild(Path(local), f"{uri} ({name})")
+        return _rebuild(Path(local), f"{uri} ({name})"), names
 
 
 # Caps on what a model version's files may weigh: MLmodel is a page of YAML, the default model's
@@ -173,17 +196,42 @@ def load_model_files(read: Callable[[str, int], bytes], uri: str):
     The same checks as `load_model_uri` without MLflow: the MLmodel file first (parsed as plain
     YAML data), then only the skops file it names, rebuilt with the TRUSTED_TYPES.
     """
+    return _load_model_files(read, uri)[0]
+
+
+def _load_model_files(read: Callable[[str, int], bytes],
+                      uri: str) -> tuple[Any, list[str] | None]:
     import yaml
 
     try:
         meta = yaml.safe_load(read("MLmodel", MAX_MLMODEL_BYTES))
     except yaml.YAMLError as exc:
-        raise ModelFileError(f"{uri}: its MLmodel file is not YAML ({exc})") from None
+        raise ModelFileError(f"{uri}: {mlmodel_yaml_problem(exc)}") from None
     flavors = meta.get("flavors") if isinstance(meta, dict) else None
     if not isinstance(flavors, dict):
         raise ModelFileError(f"{uri}: its MLmodel file declares no flavors")
     name = trusted_model_file(uri, flavors)
-    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})")
+    names = logged_class_names(uri, flavors)
+    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})"), names
+
+
+def mlmodel_yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: a `!!python/object` tag is refused, never constructed."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:200]
+    return f"its MLmodel file is not plain YAML data ({problem}{where}): refused"
+
+
+def inside_folder(folder: Path, name: str, uri: str) -> Path:
+    """`folder / name`, unless it or a symlink on its way leads out of `folder`."""
+    path = folder / name
+    target, root = path.resolve(), folder.resolve()
+    if not target.is_relative_to(root):
+        how = "a symlink out of" if path.is_symlink() else "out of"
+        raise UntrustedModelError(f"{uri}: {name} is {how} the model's folder (to {target}): "
+                                  "refused")
+    return path
 
 
 # --- What `--model` names ---------------------------------------------------------------------
@@ -219,8 +267,18 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
     Unsupported: a URI only MLflow resolves (a logged model id, `latest`, a stage).
     """
     parts = uri.removeprefix("models:/").split("/")  # read as MLflow's _parse_model_uri does
+    if len(parts) == 2 and parts[1].isdigit() and not _ascii_version(parts[1]):
+        raise ModelError(f"{uri}: a version is a number written with the digits 0-9, "
+                         f"not {parts[1]!r}")
     if len(parts) == 2 and parts[1].isdigit():
         (name, version), alias = parts, None
+        if int(version) > MAX_VERSION:  # no store holds it; PostgreSQL would answer with SQL
+            versions = registry.versions(name) if registry.aliases(name) is not None else None
+            if versions is None:
+                raise ModelError(f"no registered model {name!r} in {tracking_uri}: train and "
+                                 "register one with `make train`")
+            raise ModelError(f"{name!r} has no version {version} "
+                             f"(versions: {', '.join(map(str, versions)) or 'none'})")
     elif len(parts) == 1 and "@" in parts[0]:
         (name, alias), version = parts[0].rsplit("@", 1), None
         if alias.lower() == "latest":  # not an alias: MLflow's name for the newest version
@@ -250,6 +308,13 @@ def _registered_version(registry: registry_reader.Registry, uri: str,
     return found
 
 
+MAX_VERSION = 2**31 - 1  # MLflow's version column is a 32-bit integer in PostgreSQL
+
+
+def _ascii_version(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """What `--model` names: the URI to load (a registry alias pinned to its version)."""
@@ -275,7 +340,8 @@ def _pinned(registry: Callable[[], registry_reader.Registry], uri: str,
     except (ModelError, registry_reader.Unsupported):
         raise
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        message = registry_reader.short(
+            str(getattr(exc, "message", None) or exc) or type(exc).__name__)
         raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
     return ResolvedModel(uri, f"models:/{record.name}/{record.version}",
                          f"{uri} (version {record.version}, run {record.run_id})", tracking_uri,
@@ -321,21 +387,34 @@ def load_model(uri: str, mlflow_cfg: config.MlflowConfig) -> tuple[Any, str]:
     return load_resolved(resolved), resolved.description
 
 
+def load_named_model(uri: str,
+                     mlflow_cfg: config.MlflowConfig) -> tuple[Any, list[str] | None, str]:
+    """As `load_model`, with the class names the model was logged with (None for a bare
+    `.skops` file or a model logged without them: the caller's parameter file names those)."""
+    resolved = resolve_model(uri, mlflow_cfg)
+    return (*load_resolved_named(resolved), resolved.description)
+
+
 MODEL_FORMS = ("; --model takes models:/<name>@<alias>, models:/<name>/<version>, "
                "runs:/<run id>/model, an MLflow model folder or a .skops file")
 
 
 def load_resolved(resolved: ResolvedModel) -> Any:
     """The estimator of a resolved `--model`; ModelError names it and the way out."""
+    return load_resolved_named(resolved)[0]
+
+
+def load_resolved_named(resolved: ResolvedModel) -> tuple[Any, list[str] | None]:
+    """The estimator of a resolved `--model` and the class names it was logged with, if any."""
     uri, path = resolved.requested, Path(resolved.uri)
     try:
         if resolved.files is not None:
-            return load_model_files(resolved.files, resolved.uri)
+            return _load_model_files(resolved.files, resolved.uri)
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
-            return load_model_uri(resolved.uri, resolved.tracking_uri)
+            return _load_model_uri(resolved.uri, resolved.tracking_uri)
         if not path.exists():  # a path, or a URI mistyped: not a reason to retrain
             raise ModelError(f"{path} not found{MODEL_FORMS}")
-        return load(path)
+        return load(path), None
     except ModelFileError as exc:
         hint = "" if resolved.tracking_uri is not None or path.suffix == ".skops" else (
             MODEL_FORMS)
@@ -345,7 +424,8 @@ def load_resolved(resolved: ResolvedModel) -> Any:
     except registry_reader.RegistryError as exc:
         raise ModelError(resolved.explain(f"cannot read the model: {exc}")) from None
     except Exception as exc:  # MLflow, SQLAlchemy and the network fail in many ways
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        message = registry_reader.short(
+            str(getattr(exc, "message", None) or exc) or type(exc).__name__)
         raise ModelError(f"cannot load {uri} from {resolved.tracking_uri}: {message}") from None
 
 
@@ -375,6 +455,7 @@ def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
     stored code is imported and nothing is unpickled.
     """
     import mlflow.artifacts
+    import yaml
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
     from mlflow.pyfunc import PyFuncModel
@@ -382,11 +463,19 @@ def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
     try:
         check_model_uri(uri, tracking_uri)  # before anything else is downloaded
         local = Path(mlflow.artifacts.download_artifacts(uri))
-        meta = Model.load(local / "MLmodel")
+        meta = Model.load(inside_folder(local, "MLmodel", uri))
+        name = trusted_model_file(uri, meta.flavors)  # the files as downloaded, checked again
+        inside_folder(local, name, uri)
     except ModelFileError as exc:
         raise ServeError(str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ServeError(f"{uri}: {mlmodel_yaml_problem(exc)}") from None
     except (MlflowException, OSError) as exc:
         raise ServeError(f"{uri}: {getattr(exc, 'message', exc)}") from None
+    except Exception as exc:  # an MLmodel of the wrong shape, a store failing in its own way
+        message = " ".join(str(getattr(exc, "message", None) or exc).split())[:300]
+        raise ServeError(f"{uri}: cannot read the model ({type(exc).__name__}: "
+                         f"{message})") from None
     loader = meta.flavors.get(FLAVOR, {}).get("loader_module")
     if loader not in STORED_LOADER_MODULES:
         raise ServeError(f"{uri} is not a model this pipeline serves (python_function loader "
@@ -406,6 +495,6 @@ def _load_pyfunc(path: str) -> ServedModel:
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
-    flavors = Model.load(directory / "MLmodel").flavors
-    skops_file = directory / flavors["sklearn"]["pickled_model"]
+    flavors = Model.load(inside_folder(directory, "MLmodel", path)).flavors
+    skops_file = inside_folder(directory, trusted_model_file(path, flavors), path)
     return ServedModel(load(skops_file), flavors[FLAVOR]["class_names"])

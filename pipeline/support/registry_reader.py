@@ -48,6 +48,25 @@ SWITCH = "FMNIST_REGISTRY_READER"  # "0": always ask MLflow's client
 
 # Reads one file of a model version: its path inside the version's folder, and a size cap.
 FileReader = Callable[[str, int], bytes]
+MAX_MESSAGE_CHARS = 300  # of a server's error message shown to a user (one SQL statement: 1.5 KB)
+
+
+def filter_string(name: str) -> str:
+    """`name='...'` for MLflow's search filters, whose parser takes a value in single or double
+    quotes and has no escape: `x'y` goes in double quotes; a name with both quotes cannot be
+    written, and RegistryError says so."""
+    if "'" not in name:
+        return f"name='{name}'"
+    if '"' not in name:
+        return f'name="{name}"'
+    raise RegistryError(f"the model name {name!r} holds both kinds of quote: MLflow's search "
+                        "filters cannot name it")
+
+
+def short(text: str) -> str:
+    """A server's message in one line of at most MAX_MESSAGE_CHARS."""
+    line = " ".join(text.split())
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[:MAX_MESSAGE_CHARS - 3] + "..."
 
 
 class Unsupported(Exception):
@@ -113,9 +132,15 @@ def open_registry(tracking_uri: str) -> Registry:
 
 
 def local_reader(folder: Path) -> FileReader:
-    """Files of a version stored on this machine: regular files only, sizes capped."""
+    """Files of a version stored on this machine: regular files inside `folder` only (no
+    symlink out of it), sizes capped."""
 
     def read(name: str, limit: int) -> bytes:
+        path, root = (folder / name).resolve(), folder.resolve()
+        if not path.is_relative_to(root):  # MLflow's client refuses these too
+            how = "a symlink out of" if (folder / name).is_symlink() else "out of"
+            raise RegistryError(f"{folder / name} is {how} the model's folder (to {path}): "
+                                "refused")
         try:
             return read_bounded(folder / name, limit)
         except FileNotFoundError:
@@ -247,7 +272,7 @@ class RestRegistry:
         if status != 200:
             message = answer.get("message") if isinstance(answer, dict) else None
             raise RegistryError(f"{self.server} answered HTTP {status} to {endpoint}: "
-                                f"{message or body[:200].decode(errors='replace')}")
+                                f"{short(str(message or body[:400].decode(errors='replace')))}")
         if not isinstance(answer, dict):
             raise Unsupported(f"{endpoint}: unexpected answer")
         return answer
@@ -262,7 +287,7 @@ class RestRegistry:
     def versions(self, name: str) -> list[int]:
         found, token = [], None
         for _ in range(MAX_PAGES):
-            query = {"filter": f"name='{name}'", "max_results": "1000"}
+            query = {"filter": filter_string(name), "max_results": "1000"}
             if token:
                 query["page_token"] = token
             answer = self._json("model-versions/search", **query) or {}
@@ -326,7 +351,8 @@ class ClientRegistry:
         return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
 
     def versions(self, name: str) -> list[int]:
-        return sorted(int(v.version) for v in self.client.search_model_versions(f"name='{name}'"))
+        return sorted(int(v.version)
+                      for v in self.client.search_model_versions(filter_string(name)))
 
     def version(self, name: str, version: str) -> VersionRecord | None:
         from mlflow.exceptions import MlflowException

@@ -7,15 +7,20 @@ resume that run, so one pipeline execution is one row in the MLflow UI. Any exce
 A process killed outright (SIGKILL, out of memory, a lost machine) cannot close its run, so each
 run records the host and process id that own it (`process_tags`), and every tracked stage start
 marks the runs whose process is gone as FAILED with `failure_reason=killed`
-(`fail_killed_runs`, for any command that starts runs).
+(`fail_killed_runs`, for any command that starts runs). Commands that start none do it too:
+`make train` before `dvc repro` (so a no-op repro closes them as well) and `make ui`; on the
+sqlite store `killed_runs_suspected` first asks the database directly, so MLflow is imported only
+when a run's process is really gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -232,6 +238,31 @@ def fail_killed_runs(experiment: str) -> list[str]:
         print(f"marked FAILED (killed: process gone): MLflow run {', '.join(closed)}",
               file=sys.stderr)
     return closed
+
+
+def killed_runs_suspected(tracking_uri: str, experiment: str) -> bool:
+    """Whether `fail_killed_runs` may find a run to close: on a sqlite store, whether a RUNNING
+    run of `experiment` owned by this host has a process that is gone (one read-only query, no
+    MLflow import); any other store, or a schema the query does not fit, may have one."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme != "sqlite":
+        return True
+    database = Path(parts.path[1:])
+    if not database.is_file():
+        return False  # no store yet: no run
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True,
+                                                timeout=10)) as db:
+            pids = [value for (value,) in db.execute(
+                "SELECT pid.value FROM runs JOIN experiments USING (experiment_id) "
+                "JOIN tags AS pid ON pid.run_uuid = runs.run_uuid AND pid.key = 'pid' "
+                "JOIN tags AS host ON host.run_uuid = runs.run_uuid AND host.key = 'host' "
+                "WHERE runs.status = 'RUNNING' AND experiments.name = ? AND host.value = ?",
+                (experiment, socket.gethostname()))]
+    except sqlite3.Error:
+        return True
+    return any(pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+               for pid in pids)
 
 
 def fail_runs_on_sigterm() -> None:
