@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,20 @@ def _wait_for(url: str, process: subprocess.Popen, timeout: float = 90.0) -> Non
     pytest.fail(f"no answer on {url} after {timeout:.0f} s")
 
 
+def _group_members(group: int) -> list[str]:
+    """The command lines of the live processes of process group `group`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                members.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                               .decode(errors="replace").strip())
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
 def test_ui_prints_the_runs_page_and_the_champion_then_serves_them(repo: Repo) -> None:
     client = repo.client()
     experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
@@ -54,6 +69,11 @@ def test_ui_prints_the_runs_page_and_the_champion_then_serves_them(repo: Repo) -
                                         f"{base}/#/models/{MODEL_NAME}/versions/{champion}",
                                         "(version"]
         _wait_for(f"{base}/", process)
+        # One web worker, in uvicorn's own process: `mlflow ui` defaults to 4, spawned through
+        # multiprocessing (16 processes in all, on a 2-core machine).
+        members = _group_members(process.pid)
+        assert any(" uvicorn " in m and "--workers 1 " in m for m in members), members
+        assert not [m for m in members if "multiprocessing" in m], members
         # Against a tracking server (this UI is one), the links use the server's address.
         remote = subprocess.run(
             [sys.executable, "-m", "pipeline.commands.ui"], cwd=repo.root,

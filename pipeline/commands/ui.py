@@ -70,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ui: the tracking store is the server {uri}: open the links above in a browser")
         return 0
     print(f"ui: http://{args.host}:{args.port} on {uri} (Ctrl-C stops it)", flush=True)
+    # One web worker: one person browses; MLflow's default of 4 is 16 processes on 2 cores.
     command = [venv_tool("mlflow"), "ui", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port)]
+               "--host", args.host, "--port", str(args.port), "--workers", "1"]
     os.execve(command[0], command, child_env())
 
 
