@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import socket
 import struct
@@ -28,6 +29,22 @@ def _no_mirror_from_the_environment(request: pytest.FixtureRequest,
     use synthetic archives: set but empty, the variable turns the local mirror off."""
     if request.node.get_closest_marker("real_data") is None:
         monkeypatch.setenv(MIRROR_ENV, "")
+
+
+MLFLOW_EXPERIMENT_ENV = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(autouse=True)
+def _no_experiment_leaked_to_subprocesses() -> Iterator[None]:
+    """`mlflow.set_experiment` (store.connect, in-process tests and fixtures) exports
+    MLFLOW_EXPERIMENT_ID to os.environ, so every process a later test starts would look for that
+    experiment in its own, different store ("experiment id 1 does not exist"): each test starts
+    and ends without it (found in a random order, seed 2714833904)."""
+    for name in MLFLOW_EXPERIMENT_ENV:
+        os.environ.pop(name, None)
+    yield
+    for name in MLFLOW_EXPERIMENT_ENV:
+        os.environ.pop(name, None)
 
 
 @dataclass
