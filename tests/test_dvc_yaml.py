@@ -79,10 +79,11 @@ def test_every_stage_module_is_a_dvc_stage() -> None:
     assert commands == {f"pipeline.stages.{path.stem}" for path in STAGE_MODULES}
 
 
-def absolute_imports(path: Path, package: str) -> set[str]:
-    """Every module `path` imports, `from .x` and `from ..x` resolved from `package`."""
+def imports_in(source: str, package: str) -> set[str]:
+    """Every module `source` (a module of `package`) imports, `from .x` and `from ..x`
+    resolved; lazy imports inside functions too. Shared by the tests of the package's rules."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -92,6 +93,11 @@ def absolute_imports(path: Path, package: str) -> set[str]:
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
     return names
+
+
+def absolute_imports(path: Path, package: str) -> set[str]:
+    """Every module `path` imports, `from .x` and `from ..x` resolved from `package`."""
+    return imports_in(path.read_text(), package)
 
 
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "pipeline" / "core").glob("*.py")),

@@ -3,12 +3,12 @@ no command leaning on another command (a shared piece belongs a floor lower)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from tests.synthetic import REPO_ROOT
+from tests.test_dvc_yaml import imports_in
 
 PACKAGE = REPO_ROOT / "pipeline"
 FLOORS = ("core", "support", "team", "stages", "stage_chain", "commands")
@@ -24,16 +24,7 @@ def imports(path: Path, package: str | None = None) -> set[str]:
     if package is None:
         name = module_name(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] \
-                if node.level else []
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+    names = imports_in(path.read_text(), package)
     return {name for name in names if name.split(".")[0] == "pipeline"}
 
 

@@ -3,12 +3,12 @@ through files. Any other module of the package that needs the chain calls that m
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 from tests.synthetic import REPO_ROOT
+from tests.test_dvc_yaml import imports_in
 
 PACKAGE = REPO_ROOT / "pipeline"
 CHAINED = {"pipeline.stages.train", "pipeline.stages.evaluate", "pipeline.stages.register"}
@@ -22,16 +22,7 @@ def package_of(path: Path) -> str:
 def chained_stages_imported(source: str, package: str) -> set[str]:
     """Which of the train, evaluate and register stages `source` (a module of `package`)
     imports, in any form: `import`, `from ... import`, relative."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - node.level + 1] \
-                if node.level else []
-            module = ".".join([*base, *([node.module] if node.module else [])])
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+    names = imports_in(source, package)
     return {stage for stage in CHAINED
             if any(name == stage or name.startswith(stage + ".") for name in names)}
 
