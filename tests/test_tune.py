@@ -169,7 +169,9 @@ def test_pruned_and_diverged_trials_are_recorded_and_the_study_goes_on(repo: Rep
 
 def test_a_killed_worker_leaves_a_failed_trial_and_the_study_goes_on(repo: Repo) -> None:
     process = subprocess.Popen([*TUNE, "--trials", "8", "--workers", "2", "--study", "s3",
-                                "model.epochs=5000", "search.pruner=none"],
+                                # the search space sets epochs: long enough to catch a trial running
+                                "search.space.epochs.low=200", "search.space.epochs.high=300",
+                                "search.pruner=none"],
                                cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -177,11 +179,8 @@ def test_a_killed_worker_leaves_a_failed_trial_and_the_study_goes_on(repo: Repo)
         deadline = time.monotonic() + 120
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            try:
-                victim = next((t for t in study(repo, "s3").trials
-                               if t.state.name == "RUNNING" and "worker" in t.user_attrs), None)
-            except KeyError:  # the study is not created yet
-                continue
+            victim = next((t for t in study_if_created(repo, "s3")
+                           if t.state.name == "RUNNING" and "worker" in t.user_attrs), None)
         assert victim is not None, "no trial started"
         host, pid = victim.user_attrs["worker"].rsplit(":", 1)
         os.kill(int(pid), signal.SIGKILL)
@@ -241,7 +240,10 @@ def test_more_workers_than_cores_gets_a_warning(repo: Repo) -> None:
 
 def test_ctrl_c_stops_the_workers_with_one_line(repo: Repo) -> None:
     process = subprocess.Popen([*TUNE, "--trials", "8", "--workers", "2", "--study", "s-int",
-                                "model.epochs=5000", "search.pruner=none"],
+                                # the search space sets epochs (model.epochs would be overridden):
+                                # trials long enough that both workers are still in theirs
+                                "search.space.epochs.low=4000", "search.space.epochs.high=5000",
+                                "search.pruner=none"],
                                cwd=repo.root, env=repo.env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
