@@ -99,13 +99,15 @@ def test_adds_images_under_canonical_folders_and_commits_data_dvc(
     assert "added 4 images (trouser: 2, dress: 1, ankle_boot: 1)" in out
     assert "git add data.dvc && git commit -m" in out
     assert "no DVC remote configured" in out and "\n  dvc push" not in out
+    assert "img_0000.png" not in out  # a summary, not one line per image
 
     first = _files(extra)
     code, out, _ = _add(repo, source, capsys)  # again: everything is there already
 
     assert code == 0
     assert _files(extra) == first and _tracked(repo) == tracked
-    assert out.count("same image as") == 4 and "added 0 images, skipped 4" in out
+    assert "skipped 4 images already present (same content), e.g." in out
+    assert out.count("same image as") == 1 and "added 0 images, skipped 4" in out
     assert "nothing new; data.dvc unchanged" in out and "git commit" not in out
 
 

@@ -258,6 +258,10 @@ def _summary(labels: Sequence[int], class_names: Sequence[str]) -> str:
                      for label in sorted(counts))
 
 
+def _count(items: Sequence[object], noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
 def add(source_dir: Path, params: Path) -> int:
     """The whole command; returns the exit code."""
     root = find_repo_root(params.absolute().parent)
@@ -274,16 +278,21 @@ def add(source_dir: Path, params: Path) -> int:
     dvc_file = check_dvc_file(root, extra_dir)
 
     plan = make_plan(source_dir, extra_dir, data.class_names)
-    for source, existing in plan.skipped:
-        print(f"add_data: skipped {source}: same image as {existing}")
     placed = copy_all(plan.copies, extra_dir)
     added = [copy.label for copy in plan.copies]
-    for copy, final in zip(plan.copies, placed, strict=True):
-        renamed = f" (renamed: {copy.source.name} was taken)" if final.name != copy.source.name \
-            else ""
-        print(f"add_data: {copy.source} -> {final.relative_to(root)}{renamed}")
+    # A few lines whatever the number of images: one example stands for each kind of event.
+    if plan.skipped:
+        source, existing = plan.skipped[0]
+        print(f"add_data: skipped {_count(plan.skipped, 'image')} already present "
+              f"(same content), e.g. {source}: same image as {existing}")
+    renamed = [(copy, final) for copy, final in zip(plan.copies, placed, strict=True)
+               if final.name != copy.source.name]
+    if renamed:
+        copy, final = renamed[0]
+        print(f"add_data: renamed {_count(renamed, 'image')} whose name was taken, e.g. "
+              f"{copy.source} -> {final.relative_to(root)}")
     summary = _summary(added, data.class_names)
-    print(f"add_data: added {len(added)} image{'s' if len(added) != 1 else ''}"
+    print(f"add_data: added {_count(added, 'image')}"
           + (f" ({summary})" if added else "")
           + f", skipped {len(plan.skipped)} already present")
 
