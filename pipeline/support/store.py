@@ -47,6 +47,9 @@ _MLFLOW_DEFAULTS = {
     # 300 seconds for model version...") says nothing a user acts on. MLFLOW_LOGGING_LEVEL=INFO
     # brings it back.
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # Against a server, MLflow prints "View run ... / View experiment ..." at every run's end:
+    # two lines per stage and per trial. The summary and `make runs` say where the runs are.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
