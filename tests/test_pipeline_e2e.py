@@ -124,7 +124,8 @@ def test_dvc_outputs_for_metrics_and_plots(repo: Repo) -> None:
     shown = repo.dvc("plots", "show", "--json").stdout
     assert "Confusion matrix (test)" in shown
     predictions = (repo.root / "plots" / "predictions_test.csv").read_text().splitlines()
-    assert predictions[0] == "actual,predicted" and len(predictions) == 201
+    assert predictions[0] == "actual,predicted,actual_label,predicted_label"
+    assert len(predictions) == 201
     summary = repo.run(sys.executable, "-m", "pipeline.commands.summary").stdout
     assert "champion after" in summary and "version 1" in summary
 

@@ -48,7 +48,11 @@ def record_split(
 
     y_pred = proba.argmax(axis=1)
     names = np.asarray(class_names)
-    _write_csv(pd.DataFrame({"actual": names[y], "predicted": names[y_pred]}),
+    # For `dvc plots`: the names, and the integer labels that put the confusion matrix's axes in
+    # label order, as in the PNG (the templates in .dvc/plots/ sort by them; DVC would sort the
+    # names alphabetically).
+    _write_csv(pd.DataFrame({"actual": names[y], "predicted": names[y_pred],
+                             "actual_label": y, "predicted_label": y_pred}),
                out.predictions(split))
     out.evaluation.mkdir(parents=True, exist_ok=True)
     tables = {
