@@ -28,7 +28,7 @@ export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup params data train test test-fast lint bench bench-loop ui serve predict retrain \
+.PHONY: help setup params data train plots plots-diff exps samples test test-fast lint bench bench-loop ui serve predict retrain \
 	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
 	team-status team-user
 
@@ -43,8 +43,15 @@ $(STAMP): pyproject.toml uv.lock
 	$(UV) sync --frozen $(if $(PYTHON_VERSION),--python $(PYTHON_VERSION))
 	@touch $@
 
+# data/extra is DVC-tracked (data.dvc) and usually empty: DVC warns about an empty folder at every
+# stage that depends on it. This note keeps it non-empty; .dvcignore keeps it out of DVC's hashes.
+EXTRA_NOTE := data/extra/README.md
+
 setup: $(STAMP) ## Create .venv from the lock file (PYTHON_VERSION=3.13, VENV=.venv-3.13)
 	@mkdir -p data/extra
+	@test -e $(EXTRA_NOTE) || printf '%s\n' 'Labelled images added by `make add-data DIR=...`, one folder per class.' \
+		'DVC tracks this folder (data.dvc); this note is written by `make setup`, ignored by DVC.' \
+		> $(EXTRA_NOTE)
 
 params: setup ## Compose conf/ into params.yaml (what `dvc exp run` does)
 	$(PYTHON) -m pipeline.commands.params
@@ -57,17 +64,32 @@ train: params ## Run the whole pipeline (download, split, train, evaluate, regis
 	dvc repro
 	@$(PYTHON) -m pipeline.commands.summary
 
+# Options built in variables (a `\` inside a variable joins lines): make echoes one clean command.
+TUNE_OPTIONS = --trials $(TRIALS) --workers $(WORKERS) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
+	$(if $(STUDY),--study "$(STUDY)") $(if $(SEED),--seed $(SEED)) $(ARGS)
+SERVE_OPTIONS = --port $(PORT) $(if $(MODEL),--model "$(MODEL)") \
+	$(if $(MAX_BODY_MB),--max-body-mb $(MAX_BODY_MB))
+
 tune: data ## Optuna search: TRIALS=12 WORKERS=2 [TIMEOUT=s STUDY=name SEED=n ARGS="overrides"]
-	$(PYTHON) -m pipeline.tune --trials $(TRIALS) --workers $(WORKERS) \
-		$(if $(TIMEOUT),--timeout $(TIMEOUT)) $(if $(STUDY),--study "$(STUDY)") \
-		$(if $(SEED),--seed $(SEED)) $(ARGS)
+	$(PYTHON) -m pipeline.tune $(strip $(TUNE_OPTIONS))
+
+plots: setup ## Render DVC's plots to dvc_plots/show/index.html, offline (Vega via npm into .tools/)
+	@$(PYTHON) -m pipeline.commands.plots show
+
+plots-diff: setup ## Compare plots with REVS="HEAD~1 exp-name" (default HEAD) in dvc_plots/diff/
+	@$(PYTHON) -m pipeline.commands.plots diff $(REVS)
+
+exps: setup ## DVC experiments in 120 columns: model, val/test accuracy, time, MLflow run (ARGS=-A)
+	@$(PYTHON) -m pipeline.commands.exps $(ARGS)
+
+samples: data ## Write one official test image per class to samples/ (for `make predict`)
+	@$(PYTHON) -m pipeline.commands.samples
 
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
 
 serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=models:/..., MAX_BODY_MB=16)
-	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)") \
-		$(if $(MAX_BODY_MB),--max-body-mb $(MAX_BODY_MB))
+	$(PYTHON) -m pipeline.commands.serve $(strip $(SERVE_OPTIONS))
 
 predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }
@@ -128,4 +150,4 @@ team-user: setup ## Add a team member: make team-user NAME=alice PERMISSION=READ
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \
-		multirun dvc_plots .pytest_cache .ruff_cache
+		multirun dvc_plots samples .pytest_cache .ruff_cache

@@ -8,11 +8,13 @@ the evaluate and register stages resume: one pipeline execution is one run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,70 @@ def _log_inputs(cfg: config.Config, splits: dict[str, tuple], digest: str | None
             features, targets=labels, name=f"fashion-mnist-{split}",
             source=str(Path(cfg.data.split_dir).resolve()), digest=digest)
         mlflow.log_input(dataset, context="training" if split == "train" else split)
+
+
+def _iterative_solver(estimator: Any) -> Any | None:
+    """The scikit-learn step that reports its solver's iterations (lbfgs), if any.
+
+    scikit-learn 1.9's callbacks (`set_callbacks`) call back once per lbfgs iteration; our own
+    SoftmaxRegression reports epochs through `fit(callback=...)` instead.
+    """
+    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    return final if hasattr(final, "set_callbacks") and hasattr(final, "solver") else None
+
+
+class _IterationCounter:
+    """A scikit-learn FitCallback: one step of the progress bar per finished solver iteration."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def setup(self, estimator: Any, context: Any) -> None:
+        pass
+
+    def teardown(self, estimator: Any, context: Any) -> None:
+        pass
+
+    def on_fit_task_begin(self, estimator: Any, context: Any) -> None:
+        pass
+
+    def on_fit_task_end(self, estimator: Any, context: Any, *, X: Any = None) -> None:
+        # The solver's last, empty iteration task comes without data: it did not run.
+        if context.task_name.endswith("-iter") and X is not None:
+            self.bar.update(1)
+
+
+@contextlib.contextmanager
+def _iterations_shown(solver: Any | None, bar: Any) -> Iterator[None]:
+    """Count the solver's iterations on `bar`; the callback is removed before the model is saved
+    (it would otherwise be written into the model file)."""
+    if solver is None:
+        yield
+        return
+    solver.set_callbacks(_IterationCounter(bar))
+    try:
+        yield
+    finally:
+        solver.set_callbacks()
+
+
+@contextlib.contextmanager
+def _one_line_convergence_warning() -> Iterator[None]:
+    """scikit-learn's ConvergenceWarning, a multi-line message under a site-packages path,
+    as one line that says what to change; other warnings pass through unchanged."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            first = str(warning.message).strip().splitlines()[0].rstrip(":. ")
+            print(f"train: warning: {first}; the model is saved as it is; raise model.max_iter "
+                  "(or model.tol) for a converged fit", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
 
 
 def train(cfg: config.Config, out: Outputs, source: str,
@@ -70,8 +136,11 @@ def train(cfg: config.Config, out: Outputs, source: str,
         _log_inputs(cfg, {"train": (X, y), "validation": (X_val, y_val)},
                     data_version.get("split_manifest_md5"))
 
-        bar = tqdm(total=spec.all_params.get("epochs"), desc="train", unit="epoch",
-                   file=sys.stderr)
+        solver = _iterative_solver(estimator)
+        unit = "iteration" if solver is not None else "epoch"
+        bar = tqdm(total=spec.all_params.get("max_iter" if solver is not None else "epochs"),
+                   desc=f"train ({solver.solver})" if solver is not None else "train",
+                   unit=unit, file=sys.stderr)
 
         curves: list[Any] = []  # logged in one request after the fit
 
@@ -79,10 +148,11 @@ def train(cfg: config.Config, out: Outputs, source: str,
             curves.extend(tracking.epoch_metrics(record))
             bar.set_postfix({"loss": f"{record['train_loss']:.4f}",
                              "val_acc": f"{record['val_accuracy']:.4f}"})
-            bar.update(1)
+            if solver is None:
+                bar.update(1)
 
         started = time.perf_counter()
-        with bar:
+        with _one_line_convergence_warning(), bar, _iterations_shown(solver, bar):
             history = estimators.fit(estimator, X, y, X_val, y_val, on_epoch)
         seconds = time.perf_counter() - started
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
@@ -120,7 +190,7 @@ def train(cfg: config.Config, out: Outputs, source: str,
                   "run_name": run.info.run_name, "model_uri": info.model_uri}
         tracking.write_run_file(out.run, **record)
     print(f"train: {run.info.run_name}: val_accuracy {summary['val_accuracy']:.4f} in "
-          f"{seconds:.1f} s ({summary['epochs_run']} epochs); MLflow run {run.info.run_id}")
+          f"{seconds:.1f} s ({summary['epochs_run']} {unit}s); MLflow run {run.info.run_id}")
     return record
 
 
