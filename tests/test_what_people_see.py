@@ -129,6 +129,7 @@ def test_make_exps_fits_120_columns_and_names_the_mlflow_run(trained: tuple[Repo
     experiment = next(line for line in lines if line.strip().startswith("three-epochs"))
     run_id = repo.json("models/run.json")["run_id"]  # dvc exp run leaves its run there
     assert experiment.split()[-1] == run_id
+    assert float(experiment.split()[-2]) >= 0  # train seconds, from the run
     assert "-ep3-" in experiment
     scores = repo.json("metrics/evaluate.json")
     assert f"{scores['val']['accuracy']:.4f}" in experiment

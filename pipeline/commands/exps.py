@@ -5,7 +5,8 @@ Usage: python -m pipeline.commands.exps [DVC_EXP_SHOW_ARGS ...]   (e.g. -A, -n 5
 `dvc exp show` has a column per parameter, metric and dependency hash (hundreds). This keeps the
 model (its MLflow run name: what was trained, with its main knobs), validation and test accuracy,
 training time, and the MLflow run, found by the tags the train stage sets (`dvc_exp_name` inside
-`dvc exp run`, `git_commit` for a commit, models/run.json for the workspace).
+`dvc exp run`, `git_commit` for a commit, models/run.json for the workspace). The training time
+is the run's `train_seconds` metric, else the one of metrics/train.json if it has one.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def _model(params: dict[str, Any]) -> str:
         return KINDS[target].name
 
 
-def run_ids(rows_: Sequence[Row], params: Path) -> dict[str, str]:
-    """Row name -> MLflow run id in the current store; {} (and one line) if it is unreachable.
+def find_runs(rows_: Sequence[Row], params: Path) -> dict[str, Any]:
+    """Row name -> its MLflow run in the current store; {} (and one line) if it is unreachable.
 
     A commit or experiment gets a run only if the run's test accuracy is the one DVC shows: the
     committed metrics may come from another machine's run.
@@ -106,17 +107,17 @@ def run_ids(rows_: Sequence[Row], params: Path) -> dict[str, str]:
             by_experiment.setdefault(tags["dvc_exp_name"], []).append(run)
         elif tags.get("git_dirty") == "false" and tags.get("git_commit"):
             by_commit.setdefault(tags["git_commit"], []).append(run)
-    known = {run.info.run_id for run in runs}
+    known = {run.info.run_id: run for run in runs}
 
-    def same_scores(candidates: list[Any], row: Row) -> str | None:
+    def same_scores(candidates: list[Any], row: Row) -> Any | None:
         shown = row.metrics.get("test.accuracy")
         for run in candidates:
             logged = run.data.metrics.get("test_accuracy")
             if isinstance(shown, int | float) and logged is not None and abs(logged - shown) < 1e-9:
-                return run.info.run_id
+                return run
         return None
 
-    found: dict[str, str] = {}
+    found: dict[str, Any] = {}
     for row in rows_:
         name = row.name.strip()
         if row.rev == "workspace":
@@ -125,10 +126,9 @@ def run_ids(rows_: Sequence[Row], params: Path) -> dict[str, str]:
             except PipelineError:
                 continue
             if run_id["run_id"] in known:
-                found[name] = run_id["run_id"]
-        elif run_id := same_scores(by_experiment.get(name, []) or by_commit.get(row.rev, []),
-                                   row):
-            found[name] = run_id
+                found[name] = known[run_id["run_id"]]
+        elif run := same_scores(by_experiment.get(name, []) or by_commit.get(row.rev, []), row):
+            found[name] = run
     return found
 
 
@@ -140,13 +140,16 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def format_table(rows_: Sequence[Row], ids: dict[str, str]) -> str:
+def format_table(rows_: Sequence[Row], runs: dict[str, Any]) -> str:
     lines = ["  ".join(f"{h:<{w}}" for h, w in zip(HEADERS, WIDTHS, strict=True)).rstrip()]
     for row in rows_:
+        run = runs.get(row.name.strip())
+        seconds = run.data.metrics.get("train_seconds") if run is not None else None
         cells = (_cut(row.name, WIDTHS[0]), row.created or "-", _cut(_model(row.params), WIDTHS[2]),
                  _number(row.metrics.get("val.accuracy"), 4),
                  _number(row.metrics.get("test.accuracy"), 4),
-                 _number(row.metrics.get("train_seconds"), 1), ids.get(row.name.strip(), "-"))
+                 _number(row.metrics.get("train_seconds") if seconds is None else seconds, 1),
+                 run.info.run_id if run is not None else "-")
         lines.append("  ".join(f"{c:<{w}}" for c, w in zip(cells, WIDTHS, strict=True)).rstrip())
     return "\n".join(lines)
 
@@ -168,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors.show_traceback(exc)
         print(f"exps: error: {exc}", file=sys.stderr)
         return 1
-    print(format_table(shown, run_ids(shown, root / config.PARAMS_FILE)))
+    print(format_table(shown, find_runs(shown, root / config.PARAMS_FILE)))
     return 0
 
 
