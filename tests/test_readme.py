@@ -64,14 +64,16 @@ def test_readme_points_to_the_docs_and_keeps_the_journal_out() -> None:
     assert "make params" in text and "12 min" in text
 
 
+def _headings(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    return {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in page.read_text().splitlines() if line.startswith("#")}
+
+
 def test_anchors_into_the_docs_exist() -> None:
-    """`docs/x.md#some-heading` links land on a heading of that page."""
+    """`docs/x.md#some-heading` and `#some-heading` links land on a heading of that page."""
     for page in [README, *DOCS]:
-        for target, anchor in re.findall(r"\]\(([^)\s#]*\.md)#([^)\s]+)\)", page.read_text()):
-            linked = (page.parent / target)
-            if not linked.exists():
-                continue
-            headings = {re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower())
-                        .replace(" ", "-") for line in linked.read_text().splitlines()
-                        if line.startswith("#")}
-            assert anchor in headings, f"{page.name}: {target}#{anchor} has no such heading"
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", page.read_text()):
+            linked = page.parent / target if target else page
+            if linked.exists():
+                assert anchor in _headings(linked), f"{page.name}: {target}#{anchor}: no heading"
