@@ -237,8 +237,11 @@ def _request_stop(signum: int, frame: Any) -> None:
 
 
 def _not_an_interrupt(record: logging.LogRecord) -> bool:
-    """Optuna logs a trial that Ctrl-C stopped with its traceback: the parent says it in a line."""
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+    """Optuna logs a trial that Ctrl-C stopped twice, with its traceback and then as "failed with
+    value None": the parent says it in one line."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        return False
+    return not (_stop_requested and record.getMessage().endswith("failed with value None."))
 
 
 def work(plan: Plan, worker: int, tickets: Any) -> None:
