@@ -46,12 +46,12 @@ $(STAMP): pyproject.toml uv.lock
 # data/extra is DVC-tracked (data.dvc) and usually empty: DVC warns about an empty folder at every
 # stage that depends on it. This note keeps it non-empty; .dvcignore keeps it out of DVC's hashes.
 EXTRA_NOTE := data/extra/README.md
+EXTRA_NOTE_LINES := 'Labelled images added by `make add-data DIR=...`, one folder per class.' \
+	'DVC tracks this folder (data.dvc); this note is written by `make setup`, ignored by DVC.'
 
 setup: $(STAMP) ## Create .venv from the lock file (PYTHON_VERSION=3.13, VENV=.venv-3.13)
 	@mkdir -p data/extra
-	@test -e $(EXTRA_NOTE) || printf '%s\n' 'Labelled images added by `make add-data DIR=...`, one folder per class.' \
-		'DVC tracks this folder (data.dvc); this note is written by `make setup`, ignored by DVC.' \
-		> $(EXTRA_NOTE)
+	@test -e $(EXTRA_NOTE) || printf '%s\n' $(EXTRA_NOTE_LINES) > $(EXTRA_NOTE)
 
 params: setup ## Compose conf/ into params.yaml (what `dvc exp run` does)
 	$(PYTHON) -m pipeline.commands.params

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html.parser
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -91,6 +93,23 @@ def test_plots_render_offline_and_diff_writes_its_own_folder(trained: tuple[Repo
     assert "plots: open dvc_plots/diff/index.html" in diffed.stdout
     assert _script_sources(diff_page) == sources
     assert page.read_bytes() == before
+
+
+def test_plots_without_npm_say_so_in_one_line_and_still_write_the_page(
+        trained: tuple[Repo, str], tmp_path: Path) -> None:
+    repo, _ = trained
+    shutil.rmtree(repo.root / ".tools" / "vega", ignore_errors=True)
+    bare = tmp_path / "bin"  # a PATH with git and the venv's tools, without npm
+    bare.mkdir()
+    (bare / "git").symlink_to(shutil.which("git"))
+    env = {**repo.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{bare}"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.commands.plots", "show"],
+                            cwd=repo.root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "plots: npm not found, so the page loads Vega from a CDN and is blank offline; install "
+        "Node.js (npm) and run `make plots` again to render offline"]
+    assert (repo.root / "dvc_plots" / "show" / "index.html").is_file()
 
 
 def test_dvc_confusion_matrix_has_predicted_on_x_actual_on_y_in_label_order(
