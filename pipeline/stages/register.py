@@ -2,10 +2,13 @@
 
 Usage: python -m pipeline.stages.register [--params params.yaml]
 
-Every successful run becomes a version of the registered model, tagged with its metrics, git
-commit, data version and run id. The version gets the alias `champion` if and only if it beats the
-current champion on the promotion metric (test set, fixed across runs) by more than
-`mlflow.promotion.min_improvement`; otherwise it gets `challenger` and the reason as a tag.
+Every successful run becomes a version of the registered model, tagged with its model digest
+(`model_integrity`: every load checks it), git commit, data version and run id, with its scores
+logged on the model and its model card (`model_card`) as description; a model whose digest a
+version already holds is not registered again (the record names that version). The version
+gets the alias `champion` if and only if it beats the current champion on the promotion metric
+(test set, fixed across runs) by more than `mlflow.promotion.min_improvement`; otherwise it gets
+`challenger` and the reason as a tag.
 
 Promotion is a compare-and-set: read the champion, decide, move the alias. MLflow has no atomic
 "move the alias only if it still points at version N", so two registrations that interleave
