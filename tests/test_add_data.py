@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline.commands import add_data
+from pipeline.core.idx import read_idx
 from pipeline.core.labelled_images import load_extra
 from tests.conftest import Archives
 from tests.synthetic import (
@@ -282,3 +283,64 @@ def test_a_fifo_or_a_device_among_the_images_is_refused_at_once(
     assert f"{source / 'bag' / 'pipe.png'}: a FIFO; only regular files are read" in err
     assert f"{source / 'bag' / 'zero.png'}: a character device" in err
     assert _files(repo / "data" / "extra") == {}
+
+
+def _reencoded(path: Path, image: np.ndarray) -> Path:
+    """The same pixels in another PNG encoding (no compression, a text chunk): another MD5."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "re-encoded")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="PNG", compress_level=0, pnginfo=info)
+    return path
+
+
+def test_official_test_images_and_relabelled_pixels_are_refused_and_nothing_is_added(
+    repo: Path, tmp_path: Path, archives: Archives, capsys: pytest.CaptureFixture
+) -> None:
+    """Test images decoded from the archive, and a re-encoded copy of an image under another
+    label, are refused by pixels (their files' MD5s are all new); every file is named."""
+    raw = repo / "data" / "raw"
+    raw.mkdir(parents=True)
+    test_archive = raw / archives.specs["test_images"].name
+    test_archive.write_bytes(archives.bytes_of("test_images"))
+    test_images = read_idx(test_archive, kind="images")
+    test_labels = read_idx(archives.directory / archives.specs["test_labels"].name)
+    kept = write_png(repo / "data" / "extra" / "bag" / "kept.png", make_images([8], seed=5)[0])
+    data_dvc = (repo / "data.dvc").read_bytes()
+    source = tmp_path / "new"
+    write_extra_folder(source, {2: 2})  # fine on their own
+    leaked = [write_png(source / str(test_labels[i]) / f"test_{i}.png", test_images[i])
+              for i in (0, 7, 42)]
+    relabelled = _reencoded(source / "coat" / "kept_as_coat.png", make_images([8], seed=5)[0])
+    in_batch = make_images([3], seed=6)[0]
+    batch_a = write_png(source / "dress" / "a.png", in_batch)
+    batch_b = _reencoded(source / "shirt" / "b.png", in_batch)
+
+    code, out, err = _add(repo, source, capsys)
+
+    assert code == 1, out
+    assert "nothing was added" in err and "Traceback" not in err
+    for path, number in zip(leaked, (0, 7, 42), strict=True):
+        assert f"{path}: its pixels equal official test image #{number} of " \
+               "t10k-images-idx3-ubyte.gz" in err
+    assert f"{relabelled}: the same pixels are already labelled 'Bag' at {kept}" in err
+    assert f"{batch_b}: the same pixels are already labelled 'Dress' at {batch_a}" in err
+    assert err.count("\n  - ") == 5
+    assert _files(repo / "data" / "extra") == {"bag/kept.png": kept.read_bytes()}
+    assert (repo / "data.dvc").read_bytes() == data_dvc
+
+
+def test_a_reencoded_copy_with_the_same_label_is_skipped(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = make_images([4], seed=3)[0]
+    kept = write_png(repo / "data" / "extra" / "coat" / "x.png", image)
+    _reencoded(tmp_path / "new" / "4" / "y.png", image)
+
+    code, out, _ = _add(repo, tmp_path / "new", capsys)
+
+    assert code == 0
+    assert f"same image as {kept}" in out and "added 0 images, skipped 1" in out
+    assert "is not downloaded yet" in out  # no data/raw here: the split stage compares

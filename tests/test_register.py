@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -83,14 +84,23 @@ def make_config(name: str) -> config.Config:
     return cfg
 
 
-def evaluated_run(test_accuracy: float, status: str = "FINISHED") -> tuple[str, str]:
-    """A finished run with a small logged model and a test accuracy, as evaluate leaves it."""
+_MODEL_NUMBERS = itertools.count(1)
+
+
+def evaluated_run(test_accuracy: float, status: str = "FINISHED",
+                  same_model_as: int | None = None) -> tuple[str, str]:
+    """A finished run with a small logged model and a test accuracy, as evaluate leaves it.
+
+    Each call fits a model of its own (its C), as two trainings with different scores would;
+    `same_model_as=N` fits the N-th call's model again (a byte-identical model).
+    """
     import mlflow
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
 
     X = np.array([[0.0], [1.0], [2.0], [3.0]])
-    model = LogisticRegression().fit(X, [0, 0, 1, 1])
+    number = same_model_as or next(_MODEL_NUMBERS)
+    model = LogisticRegression(C=float(number)).fit(X, [0, 0, 1, 1])
     mlflow.set_experiment("fashion-mnist")
     with mlflow.start_run() as run:
         info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])

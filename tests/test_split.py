@@ -321,3 +321,35 @@ def test_val_size_leaves_every_class_in_train_and_in_validation(val_size: int,
         with pytest.raises(DatasetError, match=f"data.val_size={val_size} is invalid: .*"
                                                "expected between 10 and 59990"):
             check_val_size(counts, val_size)
+
+
+def test_stage_refuses_official_test_images_and_relabelled_pixels_in_the_extra_folder(
+        project: Project, capsys: pytest.CaptureFixture) -> None:
+    """Whatever is already in data/extra (put there by hand, or before this check existed) is
+    compared by pixels with the test archive and with itself; no split is written."""
+    from PIL import Image
+
+    from pipeline.core.idx import read_idx
+
+    project.fill_raw()
+    test_images = read_idx(project.raw_dir / "t10k-images-idx3-ubyte.gz", kind="images")
+    write_extra_folder(project.extra_dir, {1: 2})
+    leaked = write_png(project.extra_dir / "bag" / "from_test.png", test_images[13])
+    image = make_dataset(1, seed=77)[0][0]
+    first = write_png(project.extra_dir / "dress" / "a.png", image)
+    second = project.extra_dir / "shirt" / "b.png"
+    second.parent.mkdir()
+    Image.fromarray(image).save(second, format="PNG", compress_level=0)  # another encoding
+    assert md5sum(first) != md5sum(second)
+
+    code, _, err = _run_stage(project, capsys)
+
+    assert code == 1 and "Traceback" not in err
+    assert "3 problems with the extra images" in err
+    assert f"{leaked}: its pixels equal official test image #13 of t10k-images-idx3-ubyte.gz" \
+        in err
+    assert f"{first}: labelled 'Dress', but the same pixels are labelled otherwise at " \
+           f"{second} ('Shirt')" in err
+    assert f"{second}: labelled 'Shirt', but the same pixels are labelled otherwise at " \
+           f"{first} ('Dress')" in err
+    assert not project.split_dir.exists()

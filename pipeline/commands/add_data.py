@@ -7,9 +7,12 @@ DIR has the layout of the extra folder (`DIR/<class>/*.png`, see
 at once; if there is any, nothing is added. Each image then goes to
 `<extra_dir>/<canonical class folder>/` (`3/` and `Dress/` both go to `dress/`), so the folder
 names in the repository stay uniform:
-- an image whose content is already in the extra folder under the same class is skipped and
+- an image whose pixels are already in the extra folder under the same class is skipped and
   reported, so running the command twice adds nothing;
-- the same image with another label there (or in DIR) is a conflict, reported as a problem;
+- the same pixels with another label there (or in DIR) are a conflict, reported as a problem;
+- an image whose pixels equal an official test image (data/raw's t10k archive) is refused: the
+  champion is chosen on that test set, so training on it would inflate its score. Pixels are
+  compared, not files, so a re-encoded copy is caught too;
 - a name already taken by another image gets a free name (`shoe.png` -> `shoe-1.png`).
 All or nothing: the images are staged in a hidden folder on the same file system, then each is
 linked to its final name, which never replaces an existing file; if one fails, those placed
@@ -42,14 +45,18 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import (
     MAX_IMAGE_FILE_BYTES,
     FileRefusedError,
-    md5_bytes,
     read_bounded,
 )
+from pipeline.core.idx import IdxFormatError, read_idx
 from pipeline.core.labelled_images import (
     ExtraProblem,
     class_folder_name,
     class_index,
+    decode_png,
+    index_pixels,
     load_extra,
+    official_test_images_among,
+    pixel_key,
     validate_extra,
 )
 from pipeline.support import config, errors
@@ -81,20 +88,48 @@ class Plan:
     skipped: list[tuple[Path, Path]] = field(default_factory=list)  # (source, already there)
 
 
-def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[str, tuple[int, Path]]:
-    """MD5 -> (label, path) of the PNGs already in the extra folder."""
+def _existing_images(extra_dir: Path, class_names: Sequence[str]) -> dict[bytes, tuple[int, Path]]:
+    """pixel_key -> (label, path) of the PNGs already in the extra folder (an unreadable one is
+    left to the split stage, which reports it)."""
     if not extra_dir.is_dir():
         return {}
-    known: dict[str, tuple[int, Path]] = {}
+    known: dict[bytes, tuple[int, Path]] = {}
     for folder in sorted(extra_dir.iterdir()):
         label = class_index(folder.name, class_names) if folder.is_dir() else None
         if label is None or folder.name.startswith("."):
             continue
         for file in sorted(folder.iterdir()):
             if file.is_file() and not file.name.startswith(".") and file.suffix.lower() == ".png":
-                known.setdefault(md5_bytes(read_bounded(file, MAX_IMAGE_FILE_BYTES)),
-                                 (label, file))
+                try:
+                    pixels = decode_png(read_bounded(file, MAX_IMAGE_FILE_BYTES))
+                except ValueError:
+                    continue
+                known.setdefault(pixel_key(pixels), (label, file))
     return known
+
+
+@dataclass(frozen=True)
+class OfficialTestSet:
+    """The official test images, so that none of them is added as training data."""
+
+    index: dict[bytes, int]  # pixel_key -> image number
+    file: str
+
+
+def official_test_set(root: Path, data: config.DataConfig) -> OfficialTestSet | None:
+    """The test archive's images, indexed by pixels; None (with a note) if not downloaded yet:
+    the split stage then refuses such images when it reads the extra folder."""
+    path = root / data.raw_dir / data.files["test_images"].name
+    if not path.is_file():
+        print(f"add_data: note: {path} is not downloaded yet, so the images are not compared "
+              "with the test set now; the split stage will compare them")
+        return None
+    try:
+        images = read_idx(path, kind="images")
+    except IdxFormatError as exc:
+        raise AddDataError(f"{exc}; fetch it again with `python -m pipeline.stages.download`"
+                           ) from None
+    return OfficialTestSet(index_pixels(images), path.name)
 
 
 def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
@@ -108,8 +143,13 @@ def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
     return candidate
 
 
-def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> Plan:
-    """Where each image of `source_dir` goes; AddDataError listing every problem if any."""
+def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str],
+              test_set: OfficialTestSet | None = None) -> Plan:
+    """Where each image of `source_dir` goes; AddDataError listing every problem if any.
+
+    Images are compared by their pixels, not their files: an official test image (`test_set`)
+    and the same pixels under two labels (in the extra folder or in `source_dir`) are refused.
+    """
     if not source_dir.exists():
         raise AddDataError(f"{source_dir}: no such folder")
     if not source_dir.is_dir():
@@ -123,16 +163,19 @@ def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> 
             f"{source_dir}: no PNG images found; expected {source_dir}/<class>/*.png"
         )
     known = _existing_images(extra_dir, class_names)
-    plan, conflicts, taken = Plan(), [], set()
-    for relative, md5, label in zip(incoming.paths, incoming.md5s, incoming.labels, strict=True):
-        source, label = source_dir / relative, int(label)
-        if md5 in known:
-            known_label, known_path = known[md5]
+    sources = [source_dir / relative for relative in incoming.paths]
+    conflicts = [] if test_set is None else official_test_images_among(
+        sources, incoming.images, test_set.index, test_set.file)
+    plan, taken = Plan(), set()
+    for source, image, label in zip(sources, incoming.images, incoming.labels, strict=True):
+        key, label = pixel_key(image), int(label)
+        if key in known:
+            known_label, known_path = known[key]
             if known_label == label:
                 plan.skipped.append((source, known_path))
             else:
                 conflicts.append(ExtraProblem(
-                    source, f"the same image is already labelled "
+                    source, f"the same pixels are already labelled "
                     f"{class_names[known_label]!r} at {known_path}",
                 ))
             continue
@@ -141,7 +184,7 @@ def make_plan(source_dir: Path, extra_dir: Path, class_names: Sequence[str]) -> 
         taken.add(destination)
         plan.copies.append(Copy(source, label, destination,
                                 read_bounded(source, MAX_IMAGE_FILE_BYTES)))
-        known[md5] = (label, source)
+        known[key] = (label, source)
     if conflicts:
         raise AddDataError(_problem_report(conflicts, source_dir))
     return plan
@@ -277,7 +320,8 @@ def add(source_dir: Path, params: Path) -> int:
         raise AddDataError(f"{source_dir} is inside the extra folder {extra_dir} already")
     dvc_file = check_dvc_file(root, extra_dir)
 
-    plan = make_plan(source_dir, extra_dir, data.class_names)
+    plan = make_plan(source_dir, extra_dir, data.class_names,
+                     official_test_set(root, data))
     placed = copy_all(plan.copies, extra_dir)
     added = [copy.label for copy in plan.copies]
     # A few lines whatever the number of images: one example stands for each kind of event.

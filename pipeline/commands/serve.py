@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return model_loader.EXIT_MODEL
     try:
         uri = store.connect(cfg.mlflow, experiment=False)  # MLflow's client, for the scoring app
-        model = model_loader.load_served_model(resolved.uri, resolved.tracking_uri)
+        model = model_loader.load_served(resolved)  # a registered version's bytes checked
     except (store.StoreUnavailable, store.StoreError) as exc:
         print(f"serve: error: {exc}", file=sys.stderr)
         return model_loader.EXIT_MODEL

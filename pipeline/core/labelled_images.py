@@ -301,3 +301,63 @@ def load_extra(extra_dir: str | Path, class_names: Sequence[str]) -> ExtraImages
     if problems:
         raise ExtraDataError(problems)
     return loaded
+
+
+# --- Images compared by their pixels ----------------------------------------------------------
+# A file's MD5 changes with its PNG encoding (compression level, chunks); the 784 pixel bytes do
+# not. Training on an official test image would inflate the test score the champion is chosen
+# on, and the same pixels under two labels teach the model nothing but noise.
+
+
+def pixel_key(image: np.ndarray) -> bytes:
+    """A 16-byte digest of an image's 784 uint8 pixels: equal pixels, equal keys."""
+    pixels = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    return hashlib.blake2b(pixels, digest_size=16).digest()
+
+
+def index_pixels(images: np.ndarray) -> dict[bytes, int]:
+    """pixel_key -> the index of its first image (10,000 test images: about 20 ms)."""
+    index: dict[bytes, int] = {}
+    for number, image in enumerate(images):
+        index.setdefault(pixel_key(image), number)
+    return index
+
+
+def official_test_images_among(paths: Sequence[Path], images: np.ndarray,
+                               test_index: dict[bytes, int],
+                               test_file: str) -> list[ExtraProblem]:
+    """One problem per image whose pixels are those of an official test image."""
+    return [ExtraProblem(path, f"its pixels equal official test image #{test_index[key]} of "
+                               f"{test_file}: a test image must not be trained on")
+            for path, image in zip(paths, images, strict=True)
+            if (key := pixel_key(image)) in test_index]
+
+
+def label_conflicts(paths: Sequence[Path], images: np.ndarray, labels: np.ndarray,
+                    class_names: Sequence[str]) -> list[ExtraProblem]:
+    """One problem per image whose pixels appear under another label too, naming the others."""
+    groups: dict[bytes, list[int]] = {}
+    for number, image in enumerate(images):
+        groups.setdefault(pixel_key(image), []).append(number)
+    problems = []
+    for members in groups.values():
+        if len({int(labels[i]) for i in members}) < 2:
+            continue
+        for i in members:
+            others = ", ".join(f"{paths[j]} ({class_names[int(labels[j])]!r})"
+                               for j in members if int(labels[j]) != int(labels[i]))
+            problems.append(ExtraProblem(
+                paths[i], f"labelled {class_names[int(labels[i])]!r}, but the same pixels are "
+                          f"labelled otherwise at {others}"))
+    return problems
+
+
+def check_extra_pixels(extra: ExtraImages, extra_dir: str | Path, test_images: np.ndarray,
+                       test_file: str, class_names: Sequence[str]) -> None:
+    """ExtraDataError listing every extra image that is an official test image, or whose
+    pixels carry two labels; the split is then not made."""
+    paths = [Path(extra_dir) / relative for relative in extra.paths]
+    problems = official_test_images_among(paths, extra.images, index_pixels(test_images), test_file)
+    problems += label_conflicts(paths, extra.images, extra.labels, class_names)
+    if problems:
+        raise ExtraDataError(problems)

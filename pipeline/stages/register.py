@@ -2,10 +2,13 @@
 
 Usage: python -m pipeline.stages.register [--params params.yaml]
 
-Every successful run becomes a version of the registered model, tagged with its metrics, git
-commit, data version and run id. The version gets the alias `champion` if and only if it beats the
-current champion on the promotion metric (test set, fixed across runs) by more than
-`mlflow.promotion.min_improvement`; otherwise it gets `challenger` and the reason as a tag.
+Every successful run becomes a version of the registered model, tagged with its model digest
+(`model_integrity`: every load checks it), git commit, data version and run id, with its scores
+logged on the model and its model card (`model_card`) as description; a model whose digest a
+version already holds is not registered again (the record names that version). The version
+gets the alias `champion` if and only if it beats the current champion on the promotion metric
+(test set, fixed across runs) by more than `mlflow.promotion.min_improvement`; otherwise it gets
+`challenger` and the reason as a tag.
 
 Promotion is a compare-and-set: read the champion, decide, move the alias. MLflow has no atomic
 "move the alias only if it still points at version N", so two registrations that interleave
@@ -40,7 +43,7 @@ from typing import Any
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write
 from pipeline.core.promotion import decide
-from pipeline.support import config, store, tracking
+from pipeline.support import config, model_card, model_integrity, model_loader, store, tracking
 from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration_file import describe, registration_from_record
@@ -134,27 +137,30 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 f"run {run_id} has no metric {rule.metric!r} (mlflow.promotion.metric); "
                 "run the evaluate stage first")
         candidate_value = float(run_data.metrics[rule.metric])
+        # The bytes the store holds, which every load checks against (model_integrity).
+        digest = model_loader.logged_model_digest(model_uri)
+        model_integrity.check_evaluated(out.model, digest)
+        same_bytes_as, created = None, False
         with registry_lock(store.tracking_uri(cfg.mlflow), on_wait=_announce_wait):
             _ensure_registered_model(client, name)
             existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+            holder = None if existing else model_integrity.version_holding(client, name, digest)
             if existing:
                 version = existing[0]
+            elif holder is not None:  # a byte-identical model: no second version
+                version, same_bytes_as = holder, str(holder.version)
             else:
                 # The version carries what the run was made from, as the train stage saw it.
-                provenance = {key: value for key, value in run_data.tags.items()
-                              if key.startswith(("git_", "data_", "split_"))}
-                tags = {
-                    "run_id": run_id,
-                    **provenance,
-                    **{key: repr(value) for key, value in run_data.metrics.items()
-                       if key.startswith(("test_", "val_"))},
-                }
+                tags = tracking.version_tags(run_id, run_data.tags, run_data.metrics,
+                                             rule.metric, model_integrity.identity_tags(digest))
                 # A tracking server accepts a logged model (`models:/m-...`) as the source only
                 # with its id; the embedded store does not mind either way.
                 model_id = (model_uri.removeprefix("models:/")
                             if model_uri.startswith("models:/m-") else None)
                 version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,
                                                       model_id=model_id)
+                tracking.link_metrics(client, run_id, model_id, run_data.metrics)
+                created = True
             champion, champion_value = current_champion(client, name, rule.metric)
             champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:
@@ -169,6 +175,11 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
             client.set_model_version_tag(name, version.version, "promotion_decision",
                                          "promoted" if promote else "kept champion")
             client.set_model_version_tag(name, version.version, "promotion_reason", reason)
+            if created:  # the card of a version, its description and an artifact of its run
+                card = model_card.card_for_run(cfg, out, mlflow_run, str(version.version),
+                                               digest, promote, reason)
+                client.update_model_version(name, version.version, description=card)
+                mlflow.log_text(card, model_card.ARTIFACT)
             mlflow.set_tags({
                 "registered_model": name,
                 "registered_version": str(version.version),
@@ -189,6 +200,8 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                     after, rule.metric, candidate_value if promote else champion_value),
                 "promoted": promote,
                 "reason": reason,
+                "model_sha256": digest,
+                "same_bytes_as": same_bytes_as,
             }
             with atomic_write(out.registration) as handle:  # makes the folder if need be
                 handle.write((json.dumps(record, indent=2) + "\n").encode())

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import md5sum
 from pipeline.core.idx import IdxFormatError
-from pipeline.core.labelled_images import ExtraDataError, load_extra
+from pipeline.core.labelled_images import ExtraDataError, check_extra_pixels, load_extra
 from pipeline.core.split import (
     DatasetError,
     build_manifest,
@@ -53,6 +53,8 @@ def run(data: config.DataConfig) -> str:
     paths = _check_raw(data)
     official = load_official(paths)
     extra = load_extra(data.extra_dir, data.class_names)
+    check_extra_pixels(extra, data.extra_dir, official["test_images"],
+                       data.files["test_images"].name, data.class_names)
     result = make_split(official, data.val_size, data.seed, extra.images, extra.labels,
                         n_classes=len(data.class_names))
     inputs = {key: {"name": spec.name, "md5": spec.md5} for key, spec in data.files.items()}

@@ -14,6 +14,7 @@ can (`registry_reader`: no MLflow import, about 2 s saved) and through MLflow's 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.idx import N_PIXELS
-from pipeline.support import config, registry_reader, store
+from pipeline.support import config, model_integrity, registry_reader, store
 from pipeline.support.model_files import TRUSTED_TYPES, import_skops
 from pipeline.support.pyfunc_model import (
     FLAVOR,
@@ -56,6 +57,35 @@ class ModelError(PipelineError, RuntimeError):
 
 class ServeError(PipelineError, RuntimeError):
     """The model cannot be served: the message names it and says what to do."""
+
+
+class ModelIntegrityError(ModelError):
+    """A registered version's model file is not the one registered (`model_integrity`)."""
+
+
+# --- Integrity: the bytes about to be loaded are the ones registered ---------------------------
+
+BytesCheck = Callable[[bytes], None]
+
+
+def verify_bytes(data: bytes, expected: str | None, what: str) -> str:
+    """The digest of `data` (`model_integrity.model_digest`); ModelIntegrityError, naming `what`
+    and both hashes, if it is not `expected`. None (a version registered before digests were
+    recorded): a one-line notice on stderr, and the model is accepted."""
+    actual = model_integrity.model_digest(data)
+    if expected is None:
+        print(model_integrity.unverified_notice(what, actual), file=sys.stderr)
+    elif actual != expected:
+        raise ModelIntegrityError(model_integrity.mismatch_message(what, expected, actual))
+    return actual
+
+
+def integrity_check(resolved: ResolvedModel) -> BytesCheck | None:
+    """What the bytes of a registered version must hash to; None for anything else (a file, a
+    run's model): only the registry records a digest."""
+    if not resolved.registered:
+        return None
+    return lambda data: verify_bytes(data, resolved.expected_sha256, resolved.description)
 
 
 # --- Model files (skops) ----------------------------------------------------------------------
@@ -165,7 +195,18 @@ def load_model_uri(uri: str, tracking_uri: str | None = None):
     return _load_model_uri(uri, tracking_uri)[0]
 
 
-def _load_model_uri(uri: str, tracking_uri: str | None) -> tuple[Any, list[str] | None]:
+def _load_model_uri(uri: str, tracking_uri: str | None,
+                    check: BytesCheck | None = None) -> tuple[Any, list[str] | None]:
+    data, name, flavors = _model_uri_bytes(uri, tracking_uri)
+    if check is not None:
+        check(data)
+    return _rebuild(data, f"{uri} ({name})"), logged_class_names(uri, flavors)
+
+
+def _model_uri_bytes(uri: str, tracking_uri: str | None,
+                     trusted: bool = True) -> tuple[bytes, str, dict[str, Any]]:
+    """The skops file of a logged model, its name and the MLmodel's flavors, checked first
+    (unless not `trusted`: the bytes are then only hashed, never loaded)."""
     import tempfile
 
     import mlflow
@@ -176,12 +217,32 @@ def _load_model_uri(uri: str, tracking_uri: str | None) -> tuple[Any, list[str] 
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
     flavors = Model.load(uri).flavors
-    name = trusted_model_file(uri, flavors)
-    names = logged_class_names(uri, flavors)
+    name = trusted_model_file(uri, flavors) if trusted else _model_file_name(uri, flavors)
+    base = uri.rstrip("/")
+    if base.startswith("models:/m-") and base.count("/") == 1:
+        # A logged model's id: MLflow would read `models:/m-.../file` as a registered name.
+        base = mlflow.MlflowClient().get_logged_model(
+            base.removeprefix("models:/")).artifact_location.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{name}",
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{name}",
                                                     dst_path=tmp)
-        return _rebuild(Path(local), f"{uri} ({name})"), names
+        return Path(local).read_bytes(), name, flavors
+
+
+def logged_model_digest(uri: str, tracking_uri: str | None = None) -> str:
+    """`model_integrity.model_digest` of a logged model's file, as the store holds it (what the
+    register stage records). Hashing loads nothing: any scikit-learn model file is hashed."""
+    return model_integrity.model_digest(_model_uri_bytes(uri, tracking_uri, trusted=False)[0])
+
+
+def _model_file_name(uri: str, flavors: dict[str, Any]) -> str:
+    """The model file a scikit-learn MLmodel names, whatever its format."""
+    sklearn = flavors.get("sklearn")
+    name = sklearn.get("pickled_model") if isinstance(sklearn, dict) else None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(
+            name).parts:
+        raise UntrustedModelError(f"{uri} names no usable model file ({name!r})")
+    return name
 
 
 # Caps on what a model version's files may weigh: MLmodel is a page of YAML, the default model's
@@ -199,8 +260,8 @@ def load_model_files(read: Callable[[str, int], bytes], uri: str):
     return _load_model_files(read, uri)[0]
 
 
-def _load_model_files(read: Callable[[str, int], bytes],
-                      uri: str) -> tuple[Any, list[str] | None]:
+def _load_model_files(read: Callable[[str, int], bytes], uri: str,
+                      check: BytesCheck | None = None) -> tuple[Any, list[str] | None]:
     import yaml
 
     try:
@@ -212,7 +273,10 @@ def _load_model_files(read: Callable[[str, int], bytes],
         raise ModelFileError(f"{uri}: its MLmodel file declares no flavors")
     name = trusted_model_file(uri, flavors)
     names = logged_class_names(uri, flavors)
-    return _rebuild(read(name, MAX_MODEL_BYTES), f"{uri} ({name})"), names
+    data = read(name, MAX_MODEL_BYTES)
+    if check is not None:
+        check(data)
+    return _rebuild(data, f"{uri} ({name})"), names
 
 
 def mlmodel_yaml_problem(exc: Exception) -> str:
@@ -324,6 +388,8 @@ class ResolvedModel:
     description: str
     tracking_uri: str | None  # None for a local file or folder
     files: registry_reader.FileReader | None = None  # the version's files, read without MLflow
+    registered: bool = False  # a registry version: its bytes are checked (`integrity_check`)
+    expected_sha256: str | None = None  # the version's model_integrity.TAG, None if it has none
 
     def explain(self, message: str) -> str:
         """`message` about the loaded URI, saying which version an alias stood for."""
@@ -345,7 +411,7 @@ def _pinned(registry: Callable[[], registry_reader.Registry], uri: str,
         raise ModelError(f"cannot resolve {uri} in {tracking_uri}: {message}") from None
     return ResolvedModel(uri, f"models:/{record.name}/{record.version}",
                          f"{uri} (version {record.version}, run {record.run_id})", tracking_uri,
-                         record.read)
+                         record.read, registered=True, expected_sha256=record.model_sha256)
 
 
 def resolve_model(uri: str, mlflow_cfg: config.MlflowConfig) -> ResolvedModel:
@@ -409,9 +475,10 @@ def load_resolved_named(resolved: ResolvedModel) -> tuple[Any, list[str] | None]
     uri, path = resolved.requested, Path(resolved.uri)
     try:
         if resolved.files is not None:
-            return _load_model_files(resolved.files, resolved.uri)
+            return _load_model_files(resolved.files, resolved.uri, integrity_check(resolved))
         if resolved.tracking_uri is not None or (path / "MLmodel").is_file():
-            return _load_model_uri(resolved.uri, resolved.tracking_uri)
+            return _load_model_uri(resolved.uri, resolved.tracking_uri,
+                                   integrity_check(resolved))
         if not path.exists():  # a path, or a URI mistyped: not a reason to retrain
             raise ModelError(f"{path} not found{MODEL_FORMS}")
         return load(path), None
@@ -448,8 +515,39 @@ def check_model(model: Any, class_names: Sequence[str]) -> np.ndarray:
 # --- The served model (MLflow's pyfunc) -------------------------------------------------------
 
 
-def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
-    """MLflow's PyFuncModel for `uri`, after checking its MLmodel names our skops model.
+def load_served(resolved: ResolvedModel) -> Any:
+    """`load_served_model` for a resolved `--model`: a registered version's bytes are checked."""
+    return load_served_model(resolved.uri, resolved.tracking_uri, integrity_check(resolved))
+
+
+def verify_version_bytes(name: str, version: str, mlflow_cfg: config.MlflowConfig) -> str:
+    """Check version `version` of `name` as loading would (for a command that moves an alias
+    to it, such as a rollback): its digest, or ModelError / ModelIntegrityError in one line."""
+    resolved = resolve_model(f"models:/{name}/{version}", mlflow_cfg)
+    if not resolved.registered:  # a URI MLflow resolves: read the version's tag through it
+        raise ModelError(f"models:/{name}/{version} could not be pinned to a version")
+    try:
+        if resolved.files is not None:
+            import yaml
+
+            try:
+                meta = yaml.safe_load(resolved.files("MLmodel", MAX_MLMODEL_BYTES))
+            except yaml.YAMLError as exc:
+                raise ModelFileError(f"{resolved.uri}: {mlmodel_yaml_problem(exc)}") from None
+            flavors = meta.get("flavors") if isinstance(meta, dict) else None
+            file = trusted_model_file(resolved.uri, flavors if isinstance(flavors, dict) else {})
+            data = resolved.files(file, MAX_MODEL_BYTES)
+        else:
+            data = _model_uri_bytes(resolved.uri, resolved.tracking_uri)[0]
+    except (ModelFileError, registry_reader.RegistryError) as exc:
+        raise ModelError(resolved.explain(str(exc))) from None
+    return verify_bytes(data, resolved.expected_sha256, resolved.description)
+
+
+def load_served_model(uri: str, tracking_uri: str | None = None,
+                      check: BytesCheck | None = None) -> Any:
+    """MLflow's PyFuncModel for `uri`, after checking its MLmodel names our skops model (and,
+    with `check`, its skops file's bytes).
 
     The implementation is built by this checkout's `_load_pyfunc`: nothing from the model's
     stored code is imported and nothing is unpickled.
@@ -465,7 +563,11 @@ def load_served_model(uri: str, tracking_uri: str | None = None) -> Any:
         local = Path(mlflow.artifacts.download_artifacts(uri))
         meta = Model.load(inside_folder(local, "MLmodel", uri))
         name = trusted_model_file(uri, meta.flavors)  # the files as downloaded, checked again
-        inside_folder(local, name, uri)
+        skops_file = inside_folder(local, name, uri)
+        if check is not None:
+            check(skops_file.read_bytes())
+    except ModelIntegrityError as exc:
+        raise ServeError(str(exc)) from None
     except ModelFileError as exc:
         raise ServeError(str(exc)) from None
     except yaml.YAMLError as exc:

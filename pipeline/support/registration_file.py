@@ -33,6 +33,7 @@ class Registration:
     champion_after: ModelVersion | None
     promoted: bool
     reason: str
+    same_bytes_as: str | None = None  # the version that already held the run's model bytes
 
 
 def _model_version(raw: Any, key: str) -> ModelVersion | None:
@@ -68,6 +69,7 @@ def registration_from_record(raw: Any) -> Registration:
         champion_after=_model_version(raw["champion_after"], "champion_after"),
         promoted=bool(raw["promoted"]),
         reason=str(raw.get("reason", "")),
+        same_bytes_as=None if raw.get("same_bytes_as") is None else str(raw["same_bytes_as"]),
     )
 
 
@@ -86,6 +88,15 @@ def _value(value: float) -> str:
 
 def describe(registration: Registration, changed: bool) -> Outcome:
     """The one line a cycle ends with; `changed`: this cycle wrote the registration."""
+    outcome = _describe(registration, changed)
+    if changed and registration.same_bytes_as is not None:
+        return Outcome(outcome.kind, f"{outcome.line}; no new version: version "
+                                     f"{registration.same_bytes_as} already holds these model "
+                                     "bytes")
+    return outcome
+
+
+def _describe(registration: Registration, changed: bool) -> Outcome:
     metric = registration.metric
     champion, candidate = registration.champion_after, registration.candidate
     if not changed:

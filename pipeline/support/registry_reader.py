@@ -45,6 +45,7 @@ DEFAULT_WORKSPACE = "default"
 # MLflow that migrates the store gives another revision: rerun that test, then add it here.
 VERIFIED_REVISIONS = ("dc11669786a5",)
 SWITCH = "FMNIST_REGISTRY_READER"  # "0": always ask MLflow's client
+INTEGRITY_TAG = "model_sha256"  # model_integrity.TAG (not imported: that would pull in skops)
 
 # Reads one file of a model version: its path inside the version's folder, and a size cap.
 FileReader = Callable[[str, int], bytes]
@@ -85,6 +86,7 @@ class VersionRecord:
     version: str
     run_id: str | None
     read: FileReader | None  # the version's files (MLmodel, the skops file); None: ask MLflow
+    model_sha256: str | None = None  # its model_integrity.TAG, if registered with one
 
 
 class Registry(Protocol):
@@ -227,7 +229,10 @@ class SqliteRegistry:
             raise Unsupported(f"{len(rows)} rows for version {version} of {name!r}")
         run_id, storage_location, source = rows[0]
         folder = local_folder(storage_location or source or "")
-        return VersionRecord(name, str(version), run_id, local_reader(folder))
+        digest = self._rows("SELECT value FROM model_version_tags WHERE name = ? AND version = ? "
+                            "AND key = ? {workspace}", name, int(version), INTEGRITY_TAG)
+        return VersionRecord(name, str(version), run_id, local_reader(folder),
+                             digest[0][0] if digest else None)
 
 
 # --- A tracking server ----------------------------------------------------------------------
@@ -304,8 +309,10 @@ class RestRegistry:
         record = answer.get("model_version", {})
         location = (self._json("model-versions/get-download-uri", name=name,
                                version=version) or {}).get("artifact_uri", "")
+        digest = next((tag.get("value") for tag in record.get("tags", [])
+                       if isinstance(tag, dict) and tag.get("key") == INTEGRITY_TAG), None)
         return VersionRecord(name, str(version), record.get("run_id"),
-                             self._proxied_reader(location))
+                             self._proxied_reader(location), digest)
 
     def _proxied_reader(self, location: str) -> FileReader:
         parts = urllib.parse.urlsplit(location)
@@ -363,4 +370,5 @@ class ClientRegistry:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
-        return VersionRecord(found.name, str(found.version), found.run_id, None)
+        return VersionRecord(found.name, str(found.version), found.run_id, None,
+                             (found.tags or {}).get(INTEGRITY_TAG))

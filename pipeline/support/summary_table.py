@@ -48,6 +48,9 @@ def format_run_summary(out: Outputs | None = None) -> str:
         verdict = "promoted" if registration["promoted"] else "not promoted"
         rows.append(("this model", f"version {registration['candidate']['version']}, {verdict}: "
                                    f"{registration['reason']}"))
+        if registration.get("same_bytes_as") is not None:
+            rows.append(("model bytes", f"already registered as version "
+                                        f"{registration['same_bytes_as']}: no new version"))
     width = max(len(label) for label, _ in rows)
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
     lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]

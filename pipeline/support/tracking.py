@@ -272,3 +272,36 @@ def fail_runs_on_sigterm() -> None:
     RUNNING for ever; as an exception, MLflow's context manager marks it FAILED on the way out.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+# --- A registered version's tags and metrics --------------------------------------------------
+# The version page lists tags in one row each: only what a search needs is a tag (at most 12,
+# with the promotion's own); the scores are the logged model's metrics (`link_metrics`).
+PROVENANCE_TAG_PREFIXES = ("git_", "data_", "split_")
+
+
+def version_tags(run_id: str, run_tags: dict[str, str], metrics: dict[str, float],
+                 metric: str, identity: dict[str, str]) -> dict[str, str]:
+    """run id, git commit, data hashes (as the train stage saw them), the model's identity
+    (`model_integrity`) and the promotion metric (which `current_champion` reads)."""
+    tags = {"run_id": run_id,
+            **{key: value for key, value in sorted(run_tags.items())
+               if key.startswith(PROVENANCE_TAG_PREFIXES)},
+            **identity}
+    if metric in metrics:
+        tags[metric] = repr(metrics[metric])
+    return tags
+
+
+def link_metrics(client: Any, run_id: str, model_id: str | None,
+                 metrics: dict[str, float]) -> None:
+    """The run's test and validation scores logged on its model (MLflow 3's `model_id`), so
+    the model version page shows them as metrics. One request."""
+    if model_id is None:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[
+        Metric(key, float(value), now, 0, model_id=model_id)
+        for key, value in sorted(metrics.items()) if key.startswith(("test_", "val_"))])
