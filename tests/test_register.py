@@ -83,18 +83,52 @@ def make_config(name: str) -> config.Config:
     return cfg
 
 
-def evaluated_run(test_accuracy: float, status: str = "FINISHED") -> tuple[str, str]:
-    """A finished run with a small logged model and a test accuracy, as evaluate leaves it."""
+N_TEST = 10_000
+TEST_DIGEST = "5e1f" * 16  # the digest of the test set the synthetic predictions were scored on
+
+
+def first_correct(test_accuracy: float) -> np.ndarray:
+    """A model right on the first images of the test set and wrong on the rest: two such models
+    differ only on the images between their two counts (all won by the better one)."""
+    return np.arange(N_TEST) < round(test_accuracy * N_TEST)
+
+
+def prediction_arrays(correct: np.ndarray, digest: str = TEST_DIGEST) -> dict[str, np.ndarray]:
+    """What the evaluate stage logs as evaluation/test_predictions.npz, for a model right on
+    the images where `correct` is true."""
+    from pipeline.core.paired_tests import prediction_arrays as arrays
+
+    labels = np.arange(len(correct)) % 10
+    predicted = np.where(correct, labels, (labels + 1) % 10)
+    proba = np.full((len(correct), 10), 0.02)
+    proba[np.arange(len(correct)), predicted] = 0.82
+    return arrays(labels, proba, digest)
+
+
+def evaluated_run(test_accuracy: float, status: str = "FINISHED",
+                  predictions: dict[str, np.ndarray] | None = None) -> tuple[str, str]:
+    """A finished run with a small logged model, a test accuracy and its per-image test
+    predictions (by default `first_correct(test_accuracy)`), as evaluate leaves it."""
+    import tempfile
+
     import mlflow
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
 
+    from pipeline.core.files import write_npz
+    from pipeline.core.paired_tests import PREDICTIONS_FILE
+
     X = np.array([[0.0], [1.0], [2.0], [3.0]])
     model = LogisticRegression().fit(X, [0, 0, 1, 1])
     mlflow.set_experiment("fashion-mnist")
+    if predictions is None:
+        predictions = prediction_arrays(first_correct(test_accuracy))
     with mlflow.start_run() as run:
         info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
         mlflow.log_metric("test_accuracy", test_accuracy)
+        with tempfile.TemporaryDirectory() as folder:
+            write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
+            mlflow.log_artifact(str(Path(folder) / PREDICTIONS_FILE), artifact_path="evaluation")
     if status != "FINISHED":
         mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, status)
     return run.info.run_id, info.model_uri
