@@ -20,16 +20,16 @@ CHUNK = 250  # bootstrap samples weighed at once: 250 x 10,000 weights = 20 MB
 
 
 @dataclass(frozen=True)
-class TestPredictions:
+class ScoredPredictions:
     """What a model answered on each test image: enough to compare two models image by image."""
 
     labels: np.ndarray  # (n,) true classes
     predicted: np.ndarray  # (n,) predicted classes
     p_true: np.ndarray  # (n,) probability given to the true class
-    digest: str  # of the test set these were scored on (`test_set_digest`)
+    digest: str  # of the test set these were scored on (`digest_of_test_set`)
 
 
-def test_set_digest(X: np.ndarray, y: np.ndarray) -> str:
+def digest_of_test_set(X: np.ndarray, y: np.ndarray) -> str:
     """SHA-256 of the test images and labels as arrays: the same pixels give the same digest,
     whatever file they came in."""
     digest = hashlib.sha256()
@@ -60,7 +60,7 @@ def mcnemar(champion_correct: np.ndarray, challenger_correct: np.ndarray) -> McN
     return McNemar(n01, n10, float(binomtest(n01, n01 + n10, 0.5).pvalue))
 
 
-# The metrics the bootstrap can recompute from TestPredictions, by the name the evaluate stage
+# The metrics the bootstrap can recompute from ScoredPredictions, by the name the evaluate stage
 # logs them under (without the split prefix).
 BOOTSTRAP_METRICS = ("accuracy", "log_loss", "f1_macro", "f1_weighted", "precision_macro",
                      "recall_macro")
@@ -106,7 +106,7 @@ class BootstrapInterval:
     samples: int
 
 
-def paired_bootstrap(champion: TestPredictions, challenger: TestPredictions, metric: str,
+def paired_bootstrap(champion: ScoredPredictions, challenger: ScoredPredictions, metric: str,
                      greater_is_better: bool, alpha: float, samples: int,
                      n_classes: int | None = None, seed: int = BOOTSTRAP_SEED
                      ) -> BootstrapInterval:
@@ -159,8 +159,8 @@ def prediction_arrays(labels: np.ndarray, proba: np.ndarray, digest: str) -> dic
             "p_true": proba[np.arange(len(labels)), labels], "digest": np.array(digest)}
 
 
-def predictions_from_arrays(arrays: dict[str, np.ndarray], name: str) -> TestPredictions:
-    """TestPredictions from `prediction_arrays`'s arrays; PredictionsFileError names `name`."""
+def predictions_from_arrays(arrays: dict[str, np.ndarray], name: str) -> ScoredPredictions:
+    """ScoredPredictions from `prediction_arrays`'s arrays; PredictionsFileError names `name`."""
     missing = sorted({"label", "predicted", "p_true", "digest"} - set(arrays))
     if missing:
         raise PredictionsFileError(f"{name} lacks {', '.join(missing)}")
@@ -169,5 +169,5 @@ def predictions_from_arrays(arrays: dict[str, np.ndarray], name: str) -> TestPre
             and len(labels) == len(predicted) == len(p_true) > 0):
         raise PredictionsFileError(f"{name}: label, predicted and p_true must be 1-D arrays of "
                                    "one length")
-    return TestPredictions(labels.astype(np.int64), predicted.astype(np.int64),
+    return ScoredPredictions(labels.astype(np.int64), predicted.astype(np.int64),
                            p_true.astype(np.float64), str(arrays["digest"]))

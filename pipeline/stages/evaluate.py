@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core.files import atomic_write_text, write_npz
-from pipeline.core.paired_tests import PREDICTIONS_FILE, prediction_arrays, test_set_digest
+from pipeline.core.paired_tests import PREDICTIONS_FILE, digest_of_test_set, prediction_arrays
 from pipeline.core.split import load_split
 from pipeline.support import config, tracking
 from pipeline.support.outputs import Outputs
@@ -74,7 +74,7 @@ def record_split(
         # Per image, for the promotion gate of later runs (pipeline.core.paired_tests): the
         # register stage compares two versions on these without loading either model.
         write_npz(out.evaluation / PREDICTIONS_FILE,
-                  prediction_arrays(y, proba, test_set_digest(X, y)))
+                  prediction_arrays(y, proba, digest_of_test_set(X, y)))
         drawings["misclassified_test.png"] = lambda: figures.misclassified_figure(
             X, y, y_pred, proba.max(axis=1), class_names)
     for name, draw in drawings.items():

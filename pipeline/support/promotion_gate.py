@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.core.paired_tests import (
     PREDICTIONS_FILE,
     PredictionsFileError,
-    TestPredictions,
+    ScoredPredictions,
     mcnemar,
     paired_bootstrap,
     predictions_from_arrays,
@@ -30,7 +30,7 @@ ARTIFACT_PATH = f"{ARTIFACT_DIR}/{PREDICTIONS_FILE}"
 DIGEST_CHARS = 16  # of a test set's SHA-256 in messages: enough to tell two apart
 
 
-def test_predictions(client: Any, run_id: str) -> TestPredictions | None:
+def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
     """The run's per-image test predictions; None if its evaluate stage logged none (a version
     registered before the gate)."""
     import mlflow
@@ -57,12 +57,12 @@ def judge(client: Any, rule: PromotionConfig, candidate_run_id: str, candidate_v
     if champion is None or champion_value is None or rule.test == "none":
         return decide(candidate_value, champion_value, rule.metric, rule.greater_is_better,
                       rule.min_improvement)
-    challenger = test_predictions(client, candidate_run_id)
+    challenger = logged_predictions(client, candidate_run_id)
     if challenger is None:
         return Decision(False, f"run {candidate_run_id} has no per-image test predictions "
                                f"({ARTIFACT_PATH}): run its evaluate stage again",
                         {"test": rule.test})
-    held = test_predictions(client, champion.run_id)
+    held = logged_predictions(client, champion.run_id)
     if held is None:
         # Registered before the gate existed: no pairs to test. The raw rule, said as such.
         raw = decide(candidate_value, champion_value, rule.metric, rule.greater_is_better,
