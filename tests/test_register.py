@@ -106,9 +106,12 @@ def prediction_arrays(correct: np.ndarray, digest: str = TEST_DIGEST) -> dict[st
 
 
 def evaluated_run(test_accuracy: float, status: str = "FINISHED",
-                  predictions: dict[str, np.ndarray] | None = None) -> tuple[str, str]:
+                  predictions: dict[str, np.ndarray] | None = None,
+                  loadable: bool = False) -> tuple[str, str]:
     """A finished run with a small logged model, a test accuracy and its per-image test
-    predictions (by default `first_correct(test_accuracy)`), as evaluate leaves it."""
+    predictions (by default `first_correct(test_accuracy)`), as evaluate leaves it. The model
+    is scikit-learn's, pickled, unless `loadable`: then a SoftmaxRegression logged as the train
+    stage logs it, which the model loader accepts."""
     import tempfile
 
     import mlflow
@@ -124,7 +127,17 @@ def evaluated_run(test_accuracy: float, status: str = "FINISHED",
     if predictions is None:
         predictions = prediction_arrays(first_correct(test_accuracy))
     with mlflow.start_run() as run:
-        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+        if loadable:
+            from pipeline.core.estimator import SoftmaxRegression
+            from pipeline.support import pyfunc_model
+
+            pixels = np.random.default_rng(0).integers(0, 256, (40, 784)).astype(np.uint8)
+            estimator = SoftmaxRegression(epochs=1, random_state=0).fit(pixels,
+                                                                         np.arange(40) % 10)
+            info = pyfunc_model.log_model(estimator, [f"c{i}" for i in range(10)])
+        else:
+            info = mlflow.sklearn.log_model(model, name="model",
+                                            pip_requirements=["scikit-learn"])
         mlflow.log_metric("test_accuracy", test_accuracy)
         with tempfile.TemporaryDirectory() as folder:
             write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
