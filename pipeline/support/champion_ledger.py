@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.support import store, tracking
+from pipeline.support import model_loader, store, tracking
 from pipeline.support.store import CHAMPION
 
 RUN_NAME = "champion-ledger"
@@ -97,14 +97,11 @@ def append(client: Any, experiment_id: str, record: dict[str, Any]) -> str:
 
 def read(client: Any, experiment_id: str, model: str) -> list[dict[str, Any]]:
     """Every record of `model`'s ledger, oldest first (none if nothing was ever recorded)."""
-    import mlflow
-
     run_id = ledger_run_id(client, experiment_id, model, create=False)
     if run_id is None or not client.list_artifacts(run_id, RECORDS):
         return []
     with tempfile.TemporaryDirectory(prefix="fmnist-ledger-") as folder:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RECORDS,
-                                                         dst_path=folder))
+        local = model_loader.download_run_files(run_id, RECORDS, folder)
         records = [(path.name, json.loads(path.read_text()))
                    for path in sorted(local.glob("*.json"))]
     return [record for _, record in sorted(records, key=lambda r: (r[1].get("time", ""), r[0]))]

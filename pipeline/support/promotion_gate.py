@@ -23,6 +23,7 @@ from pipeline.core.paired_tests import (
     predictions_from_arrays,
 )
 from pipeline.core.promotion import Decision, decide, decide_paired
+from pipeline.support import model_loader
 from pipeline.support.config import PromotionConfig
 
 ARTIFACT_DIR = "evaluation"
@@ -33,14 +34,11 @@ DIGEST_CHARS = 16  # of a test set's SHA-256 in messages: enough to tell two apa
 def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
     """The run's per-image test predictions; None if its evaluate stage logged none (a version
     registered before the gate)."""
-    import mlflow
-
     listed = {entry.path for entry in client.list_artifacts(run_id, ARTIFACT_DIR)}
     if ARTIFACT_PATH not in listed:
         return None
     with tempfile.TemporaryDirectory(prefix="fmnist-gate-") as folder:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH,
-                                                    dst_path=folder)
+        local = model_loader.download_run_files(run_id, ARTIFACT_PATH, folder)
         name = f"run {run_id} {ARTIFACT_PATH}"
         try:
             with np.load(Path(local), allow_pickle=False) as arrays:
