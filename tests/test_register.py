@@ -139,9 +139,11 @@ def evaluated_run(test_accuracy: float, status: str = "FINISHED",
             info = mlflow.sklearn.log_model(model, name="model",
                                             pip_requirements=["scikit-learn"])
         mlflow.log_metric("test_accuracy", test_accuracy)
-        with tempfile.TemporaryDirectory() as folder:
-            write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
-            mlflow.log_artifact(str(Path(folder) / PREDICTIONS_FILE), artifact_path="evaluation")
+        if predictions:  # {}: logged by an evaluate stage from before the gate
+            with tempfile.TemporaryDirectory() as folder:
+                write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
+                mlflow.log_artifact(str(Path(folder) / PREDICTIONS_FILE),
+                                    artifact_path="evaluation")
     if status != "FINISHED":
         mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, status)
     return run.info.run_id, info.model_uri
@@ -411,3 +413,16 @@ def test_a_real_register_process_keeps_the_champion_on_noise(
     line = (workdir / "stdout").read_text()
     assert line.startswith("register: kept champion version 1"), line
     assert champion_version(name) == "1"
+
+
+def test_a_champion_from_before_the_gate_is_compared_on_the_metric_and_said_so(
+        name: str, tmp_path: Path) -> None:
+    register(name, *evaluated_run(0.80, predictions={}), tmp_path / "old")
+    record = register(name, *evaluated_run(0.81), tmp_path / "new")
+    assert record["promoted"] and record["statistics"] == {"test": "none"}
+    assert record["reason"].endswith("; untested: champion version 1 has no per-image test "
+                                     "predictions")
+    # A candidate without predictions is never promoted by the gate.
+    bare = register(name, *evaluated_run(0.95, predictions={}), tmp_path / "bare")
+    assert not bare["promoted"] and "has no per-image test predictions" in bare["reason"]
+    assert champion_version(name) == "2"

@@ -127,4 +127,7 @@ def test_a_read_users_rollback_is_refused_in_one_line(
     client = MlflowClient()
     assert client.get_model_version_by_alias(name, "champion").version == "2"
     experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
-    assert [r["to_version"] for r in champion_ledger.read(client, experiment, name)] == ["1", "2"]
+    records = champion_ledger.read(client, experiment, name)
+    assert [r["to_version"] for r in records] == ["1", "2"]
+    # On a server, the ledger names the MLflow user who moved the alias.
+    assert {r["user"] for r in records} == {team.env["MLFLOW_TRACKING_USERNAME"]}
