@@ -196,12 +196,8 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
             with atomic_write(out.registration) as handle:  # makes the folder if need be
                 handle.write((json.dumps(record, indent=2) + "\n").encode())
                 if alias == CHAMPION:  # recorded in the champion ledger, or not moved
-                    champion_ledger.move_champion(client, mlflow_run.info.experiment_id,
-                                                  champion_ledger.new_record(
-                        champion_ledger.PROMOTION, name, champion_before and
-                        champion_before["version"], str(version.version), rule.metric,
-                        {"from": champion_value, "to": candidate_value}, statistics, reason,
-                        store.tracking_uri(cfg.mlflow), run_id))
+                    champion_ledger.record_promotion(client, mlflow_run.info.experiment_id,
+                                                     record, store.tracking_uri(cfg.mlflow))
                 elif alias is not None:
                     client.set_registered_model_alias(name, alias, version.version)
     return record

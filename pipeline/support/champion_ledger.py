@@ -122,6 +122,19 @@ def move_champion(client: Any, experiment_id: str, record: dict[str, Any]) -> No
         raise
 
 
+def record_promotion(client: Any, experiment_id: str, registration: dict[str, Any],
+                     tracking_uri: str) -> None:
+    """Move `champion` to the candidate of the register stage's `registration` record, and
+    record the move."""
+    before = registration["champion_before"]
+    move_champion(client, experiment_id, new_record(
+        PROMOTION, registration["registered_model"], before and before["version"],
+        registration["candidate"]["version"], registration["metric"],
+        {"from": before and before["value"], "to": registration["candidate"]["value"]},
+        registration["statistics"], registration["reason"], tracking_uri,
+        registration["run_id"]))
+
+
 def previous_champion(records: list[dict[str, Any]], current: str) -> str | None:
     """The champion before `current` in the promotion history: rolling back twice goes two
     promotions back (3 -> 2 -> 1), not back and forth."""
