@@ -30,7 +30,7 @@ export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train plots plots-diff exps samples test test-fast lint bench bench-loop ui serve predict retrain \
 	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
-	team-status team-user
+	team-status team-user champion-history rollback
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -94,6 +94,13 @@ serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=mod
 predict: setup ## Classify images: make predict INPUT="a.png t10k-images-idx3-ubyte.gz" ARGS="--top-k 3"
 	@test -n "$(INPUT)" || { echo 'usage: make predict INPUT="file.png ..." [ARGS=--json]' >&2; exit 2; }
 	$(PYTHON) -m pipeline.commands.predict $(INPUT) $(if $(MODEL),--model "$(MODEL)") $(ARGS)
+
+champion-history: setup ## Print every move of the alias champion (the ledger; ARGS=--json)
+	@$(PYTHON) -m pipeline.commands.champion_history $(ARGS)
+
+rollback: setup ## Move champion back to the previous champion, or VERSION=N [REASON="..."]
+	@$(PYTHON) -m pipeline.commands.rollback $(if $(VERSION),--version "$(VERSION)") \
+		$(if $(REASON),--reason "$(REASON)")
 
 retrain: setup ## One retraining cycle (RETRAIN_ARGS=--no-wait skips if one is running)
 	$(PYTHON) -m pipeline.commands.retrain $(RETRAIN_ARGS)

@@ -85,26 +85,72 @@ def make_config(name: str) -> config.Config:
 
 
 _MODEL_NUMBERS = itertools.count(1)
+N_TEST = 10_000
+TEST_DIGEST = "5e1f" * 16  # the digest of the test set the synthetic predictions were scored on
+
+
+def first_correct(test_accuracy: float) -> np.ndarray:
+    """A model right on the first images of the test set and wrong on the rest: two such models
+    differ only on the images between their two counts (all won by the better one)."""
+    return np.arange(N_TEST) < round(test_accuracy * N_TEST)
+
+
+def prediction_arrays(correct: np.ndarray, digest: str = TEST_DIGEST) -> dict[str, np.ndarray]:
+    """What the evaluate stage logs as evaluation/test_predictions.npz, for a model right on
+    the images where `correct` is true."""
+    from pipeline.core.paired_tests import prediction_arrays as arrays
+
+    labels = np.arange(len(correct)) % 10
+    predicted = np.where(correct, labels, (labels + 1) % 10)
+    proba = np.full((len(correct), 10), 0.02)
+    proba[np.arange(len(correct)), predicted] = 0.82
+    return arrays(labels, proba, digest)
 
 
 def evaluated_run(test_accuracy: float, status: str = "FINISHED",
-                  same_model_as: int | None = None) -> tuple[str, str]:
-    """A finished run with a small logged model and a test accuracy, as evaluate leaves it.
+                  predictions: dict[str, np.ndarray] | None = None,
+                  loadable: bool = False, same_model_as: int | None = None) -> tuple[str, str]:
+    """A finished run with a small logged model, a test accuracy and its per-image test
+    predictions (by default `first_correct(test_accuracy)`), as evaluate leaves it.
 
-    Each call fits a model of its own (its C), as two trainings with different scores would;
-    `same_model_as=N` fits the N-th call's model again (a byte-identical model).
+    The model is scikit-learn's (never loaded: registration hashes its bytes), a model of its
+    own per call (its C), as two trainings with different scores would; `same_model_as=N` fits
+    the N-th call's model again (a byte-identical model). With `loadable`, a SoftmaxRegression
+    logged as the train stage logs it, which the model loader accepts.
     """
+    import tempfile
+
     import mlflow
     import mlflow.sklearn
     from sklearn.linear_model import LogisticRegression
+
+    from pipeline.core.files import write_npz
+    from pipeline.core.paired_tests import PREDICTIONS_FILE
 
     X = np.array([[0.0], [1.0], [2.0], [3.0]])
     number = same_model_as or next(_MODEL_NUMBERS)
     model = LogisticRegression(C=float(number)).fit(X, [0, 0, 1, 1])
     mlflow.set_experiment("fashion-mnist")
+    if predictions is None:
+        predictions = prediction_arrays(first_correct(test_accuracy))
     with mlflow.start_run() as run:
-        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+        if loadable:
+            from pipeline.core.estimator import SoftmaxRegression
+            from pipeline.support import pyfunc_model
+
+            pixels = np.random.default_rng(0).integers(0, 256, (40, 784)).astype(np.uint8)
+            estimator = SoftmaxRegression(epochs=1, random_state=number).fit(pixels,
+                                                                         np.arange(40) % 10)
+            info = pyfunc_model.log_model(estimator, [f"c{i}" for i in range(10)])
+        else:
+            info = mlflow.sklearn.log_model(model, name="model",
+                                            pip_requirements=["scikit-learn"])
         mlflow.log_metric("test_accuracy", test_accuracy)
+        if predictions:  # {}: logged by an evaluate stage from before the gate
+            with tempfile.TemporaryDirectory() as folder:
+                write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
+                mlflow.log_artifact(str(Path(folder) / PREDICTIONS_FILE),
+                                    artifact_path="evaluation")
     if status != "FINISHED":
         mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, status)
     return run.info.run_id, info.model_uri
@@ -248,3 +294,142 @@ def test_sigterm_marks_the_run_failed(store: str, tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+# --- The promotion gate: paired tests on the per-image test predictions -----------------------
+
+
+def gate_statistics(name: str, tmp_path: Path, base: float, candidate_predictions: dict,
+                    candidate_accuracy: float, **rule: object) -> dict:
+    """Register a champion right on the first `base` share of images, then the candidate; the
+    candidate's registration record."""
+    register(name, *evaluated_run(base), tmp_path / "champion")
+    cfg = make_config(name)
+    for key, value in rule.items():
+        setattr(cfg.mlflow.promotion, key, value)
+    from pipeline.stages import register as stage
+    from pipeline.support.outputs import Outputs
+
+    return stage.run(cfg, Outputs(tmp_path / "candidate"),
+                     *evaluated_run(candidate_accuracy, predictions=candidate_predictions))
+
+
+def a_handful_better(base: float = 0.8631, won: int = 6, lost: int = 5) -> np.ndarray:
+    """The champion's answers with `lost` right images turned wrong and `won` wrong turned
+    right: the lr=0.01 case of issue 17 (0.8632 against 0.8631)."""
+    correct = first_correct(base)
+    correct[:lost] = False
+    first_wrong = int(np.argmin(correct[lost:])) + lost
+    correct[first_wrong:first_wrong + won] = True
+    return correct
+
+
+def test_a_gain_of_a_handful_of_images_keeps_the_champion(name: str, tmp_path: Path) -> None:
+    from scipy.stats import binomtest
+
+    record = gate_statistics(name, tmp_path, 0.8631, prediction_arrays(a_handful_better()),
+                             0.8632)
+    assert not record["promoted"], record["reason"]
+    assert champion_version(name) == "1"
+    stats = record["statistics"]
+    assert (stats["test"], stats["n01"], stats["n10"]) == ("mcnemar", 6, 5)
+    assert stats["p_value"] == binomtest(6, 11, 0.5).pvalue == 1.0
+    assert "not significant at alpha 0.05" in record["reason"]
+    # With the test turned off, the raw difference decides, as before the gate.
+    raw = register(name, *evaluated_run(0.8632, predictions=prediction_arrays(
+        a_handful_better())), tmp_path / "raw")
+    assert not raw["promoted"]  # still the rule of params.yaml: mcnemar
+    cfg = make_config(name)
+    cfg.mlflow.promotion.test = "none"
+    from pipeline.stages import register as stage
+    from pipeline.support.outputs import Outputs
+
+    off = stage.run(cfg, Outputs(tmp_path / "off"), *evaluated_run(
+        0.8632, predictions=prediction_arrays(a_handful_better())))
+    assert off["promoted"] and off["reason"].startswith("test_accuracy 0.8632 beats")
+
+
+def test_the_bootstrap_gate_keeps_noise_and_promotes_a_gain(name: str, tmp_path: Path) -> None:
+    noise = gate_statistics(name, tmp_path, 0.8631, prediction_arrays(a_handful_better()),
+                            0.8632, test="bootstrap")
+    assert not noise["promoted"]
+    stats = noise["statistics"]
+    assert stats["test"] == "bootstrap" and stats["ci_low"] < 0 < stats["ci_high"]
+    cfg = make_config(name)
+    cfg.mlflow.promotion.test = "bootstrap"
+    from pipeline.stages import register as stage
+    from pipeline.support.outputs import Outputs
+
+    gain = stage.run(cfg, Outputs(tmp_path / "gain"), *evaluated_run(0.88))
+    assert gain["promoted"] and gain["statistics"]["ci_low"] > 0, gain["reason"]
+
+
+def test_a_significant_gain_takes_the_alias(name: str, tmp_path: Path) -> None:
+    record = gate_statistics(name, tmp_path, 0.80, prediction_arrays(first_correct(0.85)), 0.85)
+    assert record["promoted"] and champion_version(name) == "2"
+    assert (record["statistics"]["n01"], record["statistics"]["n10"]) == (500, 0)
+    assert record["statistics"]["p_value"] < 1e-100
+    assert "significant at alpha 0.05 (McNemar n01=500 n10=0" in record["reason"]
+
+
+def test_two_versions_scored_on_different_test_sets_are_not_compared(
+        name: str, tmp_path: Path) -> None:
+    other = "a0b1" * 16
+    record = gate_statistics(name, tmp_path, 0.80,
+                             prediction_arrays(first_correct(0.90), digest=other), 0.90)
+    assert not record["promoted"] and champion_version(name) == "1"
+    assert record["reason"] == (f"not comparable, champion kept: champion version 1 was scored "
+                                f"on test set {TEST_DIGEST[:16]}, this run on {other[:16]}")
+    assert record["statistics"]["champion_test_digest"] == TEST_DIGEST
+    assert record["statistics"]["candidate_test_digest"] == other
+
+
+def test_the_decision_reaches_the_run_description_the_summary_and_the_ledger(
+        name: str, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.support import champion_ledger
+    from pipeline.support.outputs import Outputs
+    from pipeline.support.summary_table import format_run_summary
+
+    record = gate_statistics(name, tmp_path, 0.80, prediction_arrays(first_correct(0.85)), 0.85)
+    client = MlflowClient()
+    run = client.get_run(client.get_model_version(name, "2").run_id)
+    assert "McNemar n01=500 n10=0" in run.data.tags["mlflow.note.content"]
+    out = Outputs(tmp_path / "candidate")
+    tracking_file = {"run_id": run.info.run_id, "run_name": "r"}
+    out.run.write_text(json.dumps(tracking_file))
+    table = format_run_summary(out)
+    assert "promotion gate   McNemar n01=500 n10=0 p=" in table and "(alpha 0.05)" in table
+    records = champion_ledger.read(client, run.info.experiment_id, name)
+    assert [(r["action"], r["from_version"], r["to_version"]) for r in records] == [
+        ("promotion", None, "1"), ("promotion", "1", "2")]
+    assert records[1]["statistics"] == record["statistics"]
+    assert records[1]["values"] == {"from": 0.80, "to": 0.85}
+    assert records[1]["run_id"] == run.info.run_id and records[1]["user"]
+
+
+def test_a_real_register_process_keeps_the_champion_on_noise(
+        name: str, store: str, tmp_path: Path) -> None:
+    register(name, *evaluated_run(0.8631), tmp_path / "base")
+    candidate = evaluated_run(0.8632, predictions=prediction_arrays(a_handful_better()))
+    params = params_for_model(tmp_path / "params.yaml", name)
+    workdir = tmp_path / "p"
+    with registrations([workdir], [candidate], params) as (process,):
+        assert process.wait(timeout=120) == 0, (workdir / "stderr").read_text()
+    line = (workdir / "stdout").read_text()
+    assert line.startswith("register: kept champion version 1"), line
+    assert champion_version(name) == "1"
+
+
+def test_a_champion_from_before_the_gate_is_compared_on_the_metric_and_said_so(
+        name: str, tmp_path: Path) -> None:
+    register(name, *evaluated_run(0.80, predictions={}), tmp_path / "old")
+    record = register(name, *evaluated_run(0.81), tmp_path / "new")
+    assert record["promoted"] and record["statistics"] == {"test": "none"}
+    assert record["reason"].endswith("; untested: champion version 1 has no per-image test "
+                                     "predictions")
+    # A candidate without predictions is never promoted by the gate.
+    bare = register(name, *evaluated_run(0.95, predictions={}), tmp_path / "bare")
+    assert not bare["promoted"] and "has no per-image test predictions" in bare["reason"]
+    assert champion_version(name) == "2"

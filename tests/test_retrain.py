@@ -33,6 +33,7 @@ import yaml
 
 from pipeline.commands import retrain
 from pipeline.support import composition
+from pipeline.support.champion_ledger import LEDGER_OF
 from pipeline.support.registration_file import (
     ModelVersion,
     Registration,
@@ -301,7 +302,8 @@ class Registry:
 def registry(root: Path) -> Registry:
     with mlflow_client(root) as client:
         experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
-        runs = {run.info.run_id: run.info.status for run in client.search_runs([experiment])}
+        runs = {run.info.run_id: run.info.status for run in client.search_runs([experiment])
+                if LEDGER_OF not in run.data.tags}  # training runs, not the champion ledger
         versions = {str(v.version): float(v.tags["test_accuracy"])
                     for v in client.search_model_versions(f"name='{MODEL_NAME}'")}
         aliases = {alias: str(version) for alias, version

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.commands import retrain
+from pipeline.support.champion_ledger import LEDGER_OF
 from pipeline.support.store import CHALLENGER, CHAMPION
 from pipeline.support.workspace import RETRAIN_LOG
 from tests.repo_copy import MODEL_NAME, Repo, make_repo
@@ -45,7 +46,8 @@ class Registry:
 def registry(repo: Repo) -> Registry:
     client = repo.client()
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    runs = {run.info.run_id: run.info.status for run in client.search_runs([experiment])}
+    runs = {run.info.run_id: run.info.status for run in client.search_runs([experiment])
+            if LEDGER_OF not in run.data.tags}  # training runs, not the champion ledger
     versions = sorted((v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")),
                       key=int)
     aliases = {alias: str(version)

@@ -87,3 +87,47 @@ def test_racing_registrations_leave_the_best_champion_and_never_a_worse_one(
               in (w / "stderr").read_text()]
     print(f"race: {len(candidates)} registrations, {len(waited)} waited for the lock; "
           f"champion seen {len(seen)} times: {sorted(set(seen))}")
+
+
+def test_a_read_users_rollback_is_refused_in_one_line(
+        team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the team's server, moving `champion` back needs EDIT: a READ user's `rollback` is
+    MLflow's 403 as one line, and neither the alias nor the ledger changes."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.support import champion_ledger
+    from tests.synthetic import REPO_ROOT
+    from tests.team_stack import read_env_file
+    from tests.test_register import evaluated_run, params_for_model, register
+
+    for key, value in team.env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.env["MLFLOW_TRACKING_URI"])
+    name = "rollback-check"
+    params = params_for_model(tmp_path / "params.yaml", name)
+    for accuracy, folder in ((0.80, "a"), (0.85, "b")):
+        assert register(name, *evaluated_run(accuracy, loadable=True), tmp_path / folder)[
+            "promoted"]
+    team.command("user", "rollback-reader", "--permission", "READ", "--params", str(params))
+    reader = read_env_file(team.state / "users" / "rollback-reader.env")
+    env = {**team.client_environment(dict(os.environ)), **reader,
+           "PYTHONPATH": str(REPO_ROOT)}
+    refused = subprocess.run([sys.executable, "-m", "pipeline.commands.rollback", "--params",
+                              str(params), "--reason", "not mine to move"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith("rollback: error: the MLflow tracking server refused user "
+                                     "'rollback-reader' this change (HTTP 403"), refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and "Traceback" not in refused.stderr
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == "2"
+    experiment = client.get_experiment_by_name("fashion-mnist").experiment_id
+    records = champion_ledger.read(client, experiment, name)
+    assert [r["to_version"] for r in records] == ["1", "2"]
+    # On a server, the ledger names the MLflow user who moved the alias.
+    assert {r["user"] for r in records} == {team.env["MLFLOW_TRACKING_USERNAME"]}

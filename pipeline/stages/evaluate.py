@@ -3,7 +3,9 @@
 Usage: python -m pipeline.stages.evaluate [--params params.yaml]
 
 Writes the DVC metrics file, one prediction table per split for DVC's confusion-matrix plot, and
-figures and tables under reports/; logs all of them to the pipeline's MLflow run.
+figures and tables under reports/; logs all of them to the pipeline's MLflow run. The test
+predictions are also kept per image with the test set's digest (evaluation/test_predictions.npz),
+for the register stage's promotion gate.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.files import atomic_write_text
+from pipeline.core.files import atomic_write_text, write_npz
+from pipeline.core.paired_tests import PREDICTIONS_FILE, digest_of_test_set, prediction_arrays
 from pipeline.core.split import load_split
 from pipeline.support import config, tracking
 from pipeline.support.outputs import Outputs
@@ -72,6 +75,10 @@ def record_split(
             f"Confusion matrix ({split}, share of each actual class)", normalized=True),
     }
     if split == "test":
+        # Per image, for the promotion gate of later runs (pipeline.core.paired_tests): the
+        # register stage compares two versions on these without loading either model.
+        write_npz(out.evaluation / PREDICTIONS_FILE,
+                  prediction_arrays(y, proba, digest_of_test_set(X, y)))
         drawings["misclassified_test.png"] = lambda: figures.misclassified_figure(
             X, y, y_pred, proba.max(axis=1), class_names)
     for name, draw in drawings.items():

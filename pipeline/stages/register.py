@@ -7,8 +7,10 @@ Every successful run becomes a version of the registered model, tagged with its 
 logged on the model and its model card (`model_card`) as description; a model whose digest a
 version already holds is not registered again (the record names that version). The version
 gets the alias `champion` if and only if it beats the current champion on the promotion metric
-(test set, fixed across runs) by more than `mlflow.promotion.min_improvement`; otherwise it gets
-`challenger` and the reason as a tag.
+(test set, fixed across runs) by at least `mlflow.promotion.min_improvement`, significantly on
+the same test images (the promotion gate, `pipeline.support.promotion_gate`; docs/champion.md);
+otherwise it gets `challenger` and the reason as a tag. Every move of `champion` is recorded in
+the champion ledger.
 
 Promotion is a compare-and-set: read the champion, decide, move the alias. MLflow has no atomic
 "move the alias only if it still points at version N", so two registrations that interleave
@@ -42,8 +44,8 @@ from typing import Any
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write
-from pipeline.core.promotion import decide
-from pipeline.support import config, model_card, model_integrity, model_loader, store, tracking
+from pipeline.support import (champion_ledger, config, model_card, model_integrity, model_loader,
+                              promotion_gate, store, tracking)
 from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration_file import describe, registration_from_record
@@ -164,11 +166,12 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
             champion, champion_value = current_champion(client, name, rule.metric)
             champion_before = _version_summary(champion, rule.metric, champion_value)
             if champion is not None and champion.version == version.version:
-                promote, alias, reason = True, None, "already the champion"
+                promote, alias, reason, statistics = True, None, "already the champion", {}
             else:
-                decision = decide(candidate_value, champion_value, rule.metric,
-                                  rule.greater_is_better, rule.min_improvement)
-                promote, reason = decision.promote, decision.reason
+                decision = promotion_gate.judge(client, rule, run_id, candidate_value,
+                                                champion, champion_value)
+                promote, reason, statistics = (decision.promote, decision.reason,
+                                               decision.statistics)
                 alias = CHAMPION if promote else CHALLENGER
             # Everything that can fail comes before the alias moves: a run that fails here
             # is FAILED and has changed no alias.
@@ -202,10 +205,14 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 "reason": reason,
                 "model_sha256": digest,
                 "same_bytes_as": same_bytes_as,
+                "statistics": statistics,
             }
             with atomic_write(out.registration) as handle:  # makes the folder if need be
                 handle.write((json.dumps(record, indent=2) + "\n").encode())
-                if alias is not None:
+                if alias == CHAMPION:  # recorded in the champion ledger, or not moved
+                    champion_ledger.record_promotion(client, mlflow_run.info.experiment_id,
+                                                     record, store.tracking_uri(cfg.mlflow))
+                elif alias is not None:
                     client.set_registered_model_alias(name, alias, version.version)
     return record
 

@@ -95,16 +95,33 @@ PROMOTION_METRICS = {
 }
 
 
+# How the register stage tells a gain from noise (pipeline.core.paired_tests): McNemar's exact
+# test compares accuracies only; the paired bootstrap any promotion metric; none: the raw gain.
+PROMOTION_TESTS = ("mcnemar", "bootstrap", "none")
+
+
 @dataclass
 class PromotionConfig:
     metric: str = "test_accuracy"
     min_improvement: float = 0.0
+    test: str = "mcnemar"
+    alpha: float = 0.05
+    bootstrap_samples: int = 1000
 
     def __post_init__(self) -> None:
         _require(self.metric in PROMOTION_METRICS, "mlflow.promotion.metric", self.metric,
                  f"one of {sorted(PROMOTION_METRICS)}")
         _require(self.min_improvement >= 0, "mlflow.promotion.min_improvement",
                  self.min_improvement, "a number >= 0")
+        _require(self.test in PROMOTION_TESTS, "mlflow.promotion.test", self.test,
+                 f"one of {', '.join(PROMOTION_TESTS)}")
+        _require(self.test != "mcnemar" or self.metric == "test_accuracy",
+                 "mlflow.promotion.test", self.test,
+                 f"bootstrap or none with metric {self.metric} (McNemar compares accuracies)")
+        _require(0 < self.alpha < 1, "mlflow.promotion.alpha", self.alpha,
+                 "a number between 0 and 1, e.g. 0.05")
+        _require(self.bootstrap_samples >= 100, "mlflow.promotion.bootstrap_samples",
+                 self.bootstrap_samples, "an integer >= 100")
 
     @property
     def greater_is_better(self) -> bool:

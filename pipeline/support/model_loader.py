@@ -600,3 +600,17 @@ def _load_pyfunc(path: str) -> ServedModel:
     flavors = Model.load(inside_folder(directory, "MLmodel", path)).flavors
     skops_file = inside_folder(directory, trusted_model_file(path, flavors), path)
     return ServedModel(load(skops_file), flavors[FLAVOR]["class_names"])
+
+
+# --- A run's data files (not models) ----------------------------------------------------------
+
+
+def download_run_files(run_id: str, artifact_path: str, destination: str | Path) -> Path:
+    """A run's logged data files (the promotion gate's test predictions, the champion ledger's
+    records) copied into `destination`. Their callers read them as data (numpy without pickle,
+    JSON), never as a model; the download is here because every download from the store is."""
+    store.quiet_mlflow()
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(destination)))

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.promotion import statistics_line
 from pipeline.support.outputs import Outputs
 
 
@@ -45,6 +46,8 @@ def format_run_summary(out: Outputs | None = None) -> str:
     if registration:
         rows.append(("champion before", _version_cell(registration["champion_before"])))
         rows.append(("champion after", _version_cell(registration["champion_after"])))
+        if registration.get("statistics"):
+            rows.append(("promotion gate", statistics_line(registration["statistics"])))
         verdict = "promoted" if registration["promoted"] else "not promoted"
         rows.append(("this model", f"version {registration['candidate']['version']}, {verdict}: "
                                    f"{registration['reason']}"))

@@ -1,0 +1,86 @@
+"""The promotion gate's MLflow side: fetch both versions' test predictions, then apply the rule.
+
+The statistics are in `pipeline.core.paired_tests` and the rule in `pipeline.core.promotion`;
+here are the reads: each run's `evaluation/test_predictions.npz`, logged by its evaluate stage,
+so the gate compares the challenger with the champion image by image without loading or
+retraining either model. Two versions scored on different test sets are never compared.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.paired_tests import (
+    PREDICTIONS_FILE,
+    PredictionsFileError,
+    ScoredPredictions,
+    mcnemar,
+    paired_bootstrap,
+    predictions_from_arrays,
+)
+from pipeline.core.promotion import Decision, decide, decide_paired
+from pipeline.support import model_loader
+from pipeline.support.config import PromotionConfig
+
+ARTIFACT_DIR = "evaluation"
+ARTIFACT_PATH = f"{ARTIFACT_DIR}/{PREDICTIONS_FILE}"
+DIGEST_CHARS = 16  # of a test set's SHA-256 in messages: enough to tell two apart
+
+
+def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
+    """The run's per-image test predictions; None if its evaluate stage logged none (a version
+    registered before the gate)."""
+    listed = {entry.path for entry in client.list_artifacts(run_id, ARTIFACT_DIR)}
+    if ARTIFACT_PATH not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fmnist-gate-") as folder:
+        local = model_loader.download_run_files(run_id, ARTIFACT_PATH, folder)
+        name = f"run {run_id} {ARTIFACT_PATH}"
+        try:
+            with np.load(Path(local), allow_pickle=False) as arrays:
+                return predictions_from_arrays(dict(arrays), name)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, PredictionsFileError):
+                raise
+            raise PredictionsFileError(f"{name} is not a readable npz file: {exc}") from None
+
+
+def judge(client: Any, rule: PromotionConfig, candidate_run_id: str, candidate_value: float,
+          champion: Any | None, champion_value: float | None) -> Decision:
+    """The promotion decision for the candidate run against `champion` (a model version)."""
+    if champion is None or champion_value is None or rule.test == "none":
+        return decide(candidate_value, champion_value, rule.metric, rule.greater_is_better,
+                      rule.min_improvement)
+    challenger = logged_predictions(client, candidate_run_id)
+    if challenger is None:
+        return Decision(False, f"run {candidate_run_id} has no per-image test predictions "
+                               f"({ARTIFACT_PATH}): run its evaluate stage again",
+                        {"test": rule.test})
+    held = logged_predictions(client, champion.run_id)
+    if held is None:
+        # Registered before the gate existed: no pairs to test. The raw rule, said as such.
+        raw = decide(candidate_value, champion_value, rule.metric, rule.greater_is_better,
+                     rule.min_improvement)
+        return Decision(raw.promote, f"{raw.reason}; untested: champion version "
+                                     f"{champion.version} has no per-image test predictions",
+                        {"test": "none"})
+    if held.digest != challenger.digest or not np.array_equal(held.labels, challenger.labels):
+        return Decision(False, f"not comparable, champion kept: champion version "
+                               f"{champion.version} was scored on test set "
+                               f"{held.digest[:DIGEST_CHARS]}, this run on "
+                               f"{challenger.digest[:DIGEST_CHARS]}",
+                        {"test": rule.test, "champion_test_digest": held.digest,
+                         "candidate_test_digest": challenger.digest})
+    if rule.test == "mcnemar":
+        evidence = mcnemar(held.labels == held.predicted, challenger.labels == challenger.predicted)
+    else:
+        evidence = paired_bootstrap(held, challenger, rule.metric.removeprefix("test_"),
+                                    rule.greater_is_better, rule.alpha, rule.bootstrap_samples)
+    decision = decide_paired(candidate_value, champion_value, rule.metric, evidence,
+                             rule.greater_is_better, rule.min_improvement, rule.alpha)
+    return Decision(decision.promote, decision.reason,
+                    {**decision.statistics, "test_digest": held.digest})
