@@ -261,3 +261,49 @@ def test_a_corrupted_or_substituted_object_is_refused_on_pull(
     assert hashlib.md5((c.root / "models" / "model.skops").read_bytes()).hexdigest() == (
         outs["models/model.skops"])
     print(f"make pull refusing two objects took {seconds:.1f} s")
+
+
+def test_a_server_that_dies_during_evaluate_gets_one_line_and_the_rerun_finishes(
+        team: Team, clones: tuple[Repo, Repo]) -> None:
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    a, _ = clones
+    params = a.params()
+    params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.25
+    a.write_params(params)
+    a.dvc("repro", "train")
+    run_id = a.json("models/run.json")["run_id"]
+    client = MlflowClient()
+    evaluate = subprocess.Popen([str(BIN / "python"), "-m", "pipeline.stages.evaluate"],
+                                cwd=a.root, env=a.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Once evaluate owns the run (it tags it with its pid), freeze it, kill the server
+        # outright, and let evaluate go on: its next request meets a dead server.
+        deadline = time.monotonic() + 120
+        while client.get_run(run_id).data.tags.get("pid") != str(evaluate.pid):
+            assert evaluate.poll() is None, evaluate.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(evaluate.pid, signal.SIGSTOP)
+        os.killpg(supervisor.pid(team.state, "mlflow"), signal.SIGKILL)
+        os.killpg(evaluate.pid, signal.SIGCONT)
+        _, stderr = evaluate.communicate(timeout=180)
+    finally:
+        if evaluate.poll() is None:
+            os.killpg(evaluate.pid, signal.SIGKILL)
+            evaluate.wait()
+        team.command("up")
+    assert evaluate.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate: error: cannot reach the MLflow tracking server "
+                           f"{team.env['MLFLOW_TRACKING_URI']} ("), stderr
+    assert "make team-up" in last
+    # The rerun finishes the same run.
+    a.dvc("repro")
+    assert a.json("models/run.json")["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
