@@ -44,6 +44,56 @@ def _member(team: Team, name: str, permission: str) -> dict[str, str]:
     return read_env_file(team.state / "users" / f"{name}.env")
 
 
+def _post(url: str, user: str, password: str, body: dict) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+    from base64 import b64encode
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_read_member_creates_nothing_on_the_mlflow_server(team: Team) -> None:
+    """MLflow's basic auth would let any logged-in user create; the stack's authorization
+    function refuses it to READ members (and lets the admin and EDIT members through)."""
+    reader = _member(team, "rita", "READ")
+    editor = _member(team, "ed", "EDIT")
+    uri = team.env["MLFLOW_TRACKING_URI"]
+    creations = [
+        ("/api/2.0/mlflow/experiments/create", {"name": "{who}-experiment"}),
+        ("/api/2.0/mlflow/registered-models/create", {"name": "{who}-model"}),
+        ("/api/3.0/mlflow/gateway/secrets/create",
+         {"secret_name": "{who}-secret", "secret_value": {"api_key": "x"}, "provider": "openai"}),
+    ]
+    for path, body in creations:
+        filled = {k: v.format(who="rita") if isinstance(v, str) else v for k, v in body.items()}
+        assert _post(uri + path, "rita", reader["MLFLOW_TRACKING_PASSWORD"], filled) == 403, path
+    # A search is a POST too, and stays allowed.
+    assert _post(uri + "/api/2.0/mlflow/runs/search", "rita", reader["MLFLOW_TRACKING_PASSWORD"],
+                 {"experiment_ids": ["0"], "max_results": 1}) == 200
+    assert _post(uri + creations[0][0], "ed", editor["MLFLOW_TRACKING_PASSWORD"],
+                 {"name": "ed-experiment"}) == 200
+    env = team.env
+    assert _post(uri + "/api/2.0/mlflow/experiments/search", env["MLFLOW_TRACKING_USERNAME"],
+                 env["MLFLOW_TRACKING_PASSWORD"], {"filter": "name = 'rita-experiment'",
+                                                   "max_results": 1}) == 200
+    from mlflow.tracking import MlflowClient
+
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_USERNAME",
+                                           "MLFLOW_TRACKING_PASSWORD")})
+    admin = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert admin.get_experiment_by_name("rita-experiment") is None
+    assert admin.get_experiment_by_name("ed-experiment") is not None
+    assert not admin.search_registered_models("name = 'rita-model'")
+
+
 def test_a_read_member_is_refused_every_write_beyond_mlflow(team: Team) -> None:
     import psycopg
 
