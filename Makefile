@@ -30,7 +30,7 @@ export DO_NOT_TRACK := 1
 
 .PHONY: help setup params data train plots plots-diff exps samples test test-fast lint bench bench-loop ui serve predict retrain \
 	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
-	team-status team-user champion-history rollback
+	team-status team-user team-user-remove champion-history rollback
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -154,6 +154,10 @@ team-status: setup ## Say what of the team stack runs where
 team-user: setup ## Add a team member: make team-user NAME=alice PERMISSION=READ|EDIT|MANAGE
 	@test -n "$(NAME)" || { echo "usage: make team-user NAME=alice PERMISSION=READ" >&2; exit 2; }
 	$(PYTHON) -m pipeline.commands.team user "$(NAME)" --permission "$(or $(PERMISSION),READ)" $(TEAM_ARGS)
+
+team-user-remove: setup ## Remove a team member and revoke its keys: make team-user-remove NAME=alice
+	@test -n "$(NAME)" || { echo "usage: make team-user-remove NAME=alice" >&2; exit 2; }
+	$(PYTHON) -m pipeline.commands.team remove-user "$(NAME)" $(TEAM_ARGS)
 
 clean: ## Remove pipeline outputs and caches (keeps .venv, the MLflow store and the DVC cache)
 	rm -rf data/raw data/split models/model.skops plots/predictions_*.csv reports outputs \

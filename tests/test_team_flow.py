@@ -204,3 +204,106 @@ def test_an_object_store_down_during_push_loses_nothing(
     make(a, "push")
     assert "in sync" in a.dvc("status", "--cloud").stdout
     print(f"push with the object store down failed after {seconds:.1f} s")
+
+
+def _object_key(md5: str) -> str:
+    """Where DVC 3 keeps an object in the `dvc` bucket (DVC_REMOTE_URL s3://dvc/fashion-mnist)."""
+    return f"fashion-mnist/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def test_a_corrupted_or_substituted_object_is_refused_on_pull(
+        team: Team, clones: tuple[Repo, Repo], tmp_path: Path) -> None:
+    import boto3
+    import skops.io
+    from sklearn.linear_model import LogisticRegression
+
+    a, _ = clones
+    committed = yaml.safe_load(a.run("git", "show", "HEAD:dvc.lock").stdout)
+    outs = {out["path"]: out["md5"] for stage in committed["stages"].values()
+            for out in stage.get("outs", []) + stage.get("deps", [])
+            if not out["md5"].endswith(".dir")}
+    model_key, train_key = (_object_key(outs["models/model.skops"]),
+                            _object_key(outs["data/split/train.npz"]))
+    env = team.env
+    s3 = boto3.client("s3", endpoint_url=env["DVC_REMOTE_ENDPOINT_URL"],
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    originals = {key: s3.get_object(Bucket="dvc", Key=key)["Body"].read()
+                 for key in (model_key, train_key)}
+    other = LogisticRegression().fit([[0.0], [1.0]], [0, 1])  # a valid model, another one
+    flipped = bytearray(originals[train_key])
+    flipped[len(flipped) // 2] ^= 0x01
+    s3.put_object(Bucket="dvc", Key=model_key, Body=skops.io.dumps(other))
+    s3.put_object(Bucket="dvc", Key=train_key, Body=bytes(flipped))
+    try:
+        subprocess.run(["git", "clone", "-q", str(a.root), str(tmp_path / "c")], check=True)
+        c = Repo(tmp_path / "c", a.root.parent / "mirror")
+        c.env = team.client_environment(c.env)
+        started = time.monotonic()
+        pulled = make(c, "pull", check=False)
+        seconds = time.monotonic() - started
+    finally:
+        for key, body in originals.items():
+            s3.put_object(Bucket="dvc", Key=key, Body=body)
+    assert pulled.returncode != 0, pulled.stdout
+    [error] = [line for line in pulled.stderr.splitlines() if line.startswith("pull: error: ")]
+    assert "data/split" in error and "models/model.skops" in error, error
+    assert "does not match its hash" in error
+    assert not (c.root / "models" / "model.skops").exists()
+    assert not (c.root / "data" / "split" / "train.npz").exists()
+    # Everything else landed and matches dvc.lock.
+    for path, md5 in outs.items():
+        if path not in ("models/model.skops", "data/split/train.npz") and (
+                c.root / path).is_file() and not path.startswith("pipeline/"):
+            assert hashlib.md5((c.root / path).read_bytes()).hexdigest() == md5, path
+    # The store repaired, the same clone pulls everything.
+    make(c, "pull")
+    assert hashlib.md5((c.root / "models" / "model.skops").read_bytes()).hexdigest() == (
+        outs["models/model.skops"])
+    print(f"make pull refusing two objects took {seconds:.1f} s")
+
+
+def test_a_server_that_dies_during_evaluate_gets_one_line_and_the_rerun_finishes(
+        team: Team, clones: tuple[Repo, Repo]) -> None:
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    a, _ = clones
+    params = a.params()
+    params["model"]["learning_rate"] = params["model"]["learning_rate"] * 0.25
+    a.write_params(params)
+    a.dvc("repro", "train")
+    run_id = a.json("models/run.json")["run_id"]
+    client = MlflowClient()
+    evaluate = subprocess.Popen([str(BIN / "python"), "-m", "pipeline.stages.evaluate"],
+                                cwd=a.root, env=a.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # Once evaluate owns the run (it tags it with its pid), freeze it, kill the server
+        # outright, and let evaluate go on: its next request meets a dead server.
+        deadline = time.monotonic() + 120
+        while client.get_run(run_id).data.tags.get("pid") != str(evaluate.pid):
+            assert evaluate.poll() is None, evaluate.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.killpg(evaluate.pid, signal.SIGSTOP)
+        os.killpg(supervisor.pid(team.state, "mlflow"), signal.SIGKILL)
+        os.killpg(evaluate.pid, signal.SIGCONT)
+        _, stderr = evaluate.communicate(timeout=180)
+    finally:
+        if evaluate.poll() is None:
+            os.killpg(evaluate.pid, signal.SIGKILL)
+            evaluate.wait()
+        team.command("up")
+    assert evaluate.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate: error: cannot reach the MLflow tracking server "
+                           f"{team.env['MLFLOW_TRACKING_URI']} ("), stderr
+    assert "make team-up" in last
+    # The rerun finishes the same run.
+    a.dvc("repro")
+    assert a.json("models/run.json")["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -131,3 +131,54 @@ def test_a_read_users_rollback_is_refused_in_one_line(
     assert [r["to_version"] for r in records] == ["1", "2"]
     # On a server, the ledger names the MLflow user who moved the alias.
     assert {r["user"] for r in records} == {team.env["MLFLOW_TRACKING_USERNAME"]}
+
+
+def test_the_lock_is_one_whatever_the_url_spelling_and_its_wait_is_bounded(
+        team: Team, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held under one spelling of the server's URL, the lock stops registrations made under
+    every other spelling; each waits FMNIST_REGISTRY_LOCK_TIMEOUT seconds, then fails with one
+    line naming the holder, and registers nothing."""
+    import os
+    import socket
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages.register import registry_lock
+    from tests.test_register import evaluated_run, params_for_model, registrations
+
+    for key, value in team.env.items():
+        monkeypatch.setenv(key, value)
+    uri = team.env["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    name = "spelling-check"
+    params = params_for_model(tmp_path / "params.yaml", name)
+    port = uri.rsplit(":", 1)[1]
+    spellings = [f"http://localhost:{port}", f"http://127.0.0.1:{port}/",
+                 f"http://localhost:{port}/"]
+    candidates = [evaluated_run(0.9) for _ in spellings]
+    workdirs = [tmp_path / f"spelling{i}" for i in range(len(spellings))]
+    monkeypatch.setenv("FMNIST_REGISTRY_LOCK_TIMEOUT", "3")
+    with registry_lock(uri):  # as spelt in team.env
+        started = time.monotonic()
+        processes = []
+        for workdir, candidate, spelling in zip(workdirs, candidates, spellings, strict=True):
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", spelling)
+            context = registrations([workdir], [candidate], params)
+            processes.append((context, context.__enter__()[0]))
+        codes = [process.wait(timeout=120) for _, process in processes]
+        seconds = time.monotonic() - started
+        for context, _ in processes:
+            context.__exit__(None, None, None)
+    assert codes == [1] * len(spellings), [(w / "stderr").read_text() for w in workdirs]
+    for workdir in workdirs:
+        lines = (workdir / "stderr").read_text().strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith("register: waiting"), lines
+        error = lines[1]
+        assert error.startswith("register: error: "), error
+        assert "still held after 3 s by fashion-mnist pid" in error
+        assert f"pid {os.getpid()} on {socket.gethostname()}" in error
+        assert "server pid" in error and "Traceback" not in error
+        assert not (workdir / "models" / "registration.json").exists()
+    assert seconds < 60
+    assert not MlflowClient().search_model_versions(f"name='{name}'")  # nothing registered

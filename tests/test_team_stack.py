@@ -283,3 +283,37 @@ def test_the_preflight_answers_under_both_names(command: list[str]) -> None:
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout) == (
         0, "team: the tracking store sqlite:///mlflow.db answers\n")
+
+
+def test_the_state_is_private_after_up(team: Team) -> None:
+    """Password hashes (basic_auth.db), logs, keys and objects: nobody else reads them."""
+    state_mode = stat.S_IMODE(team.state.stat().st_mode)
+    # As root, PostgreSQL runs as `postgres` and must pass through (711: enter, not list).
+    assert state_mode == (0o711 if os.geteuid() == 0 else 0o700)
+    (team.state / "logs" / "mlflow.log").chmod(0o644)  # loosened: the next up tightens it
+    team.command("up")
+    data = team.state / "postgres" / "data"
+    seen = 0
+    for folder, dirs, files in os.walk(team.state):
+        here = Path(folder)
+        if here == data:
+            dirs[:] = []
+            continue
+        for name in dirs:
+            assert stat.S_IMODE((here / name).stat().st_mode) == 0o700, here / name
+        for name in files:
+            assert stat.S_IMODE((here / name).stat().st_mode) == 0o600, here / name
+            seen += 1
+    assert seen >= 8
+    for private in ("mlflow/basic_auth.db", "logs/mlflow.log", "logs/seaweedfs.log",
+                    "postgres/postgres.log", "seaweedfs-config/node.key"):
+        assert stat.S_IMODE((team.state / private).stat().st_mode) == 0o600, private
+
+
+def test_a_new_state_folder_is_private_from_its_creation(tmp_path: Path) -> None:
+    from pipeline.team.settings import load_stack
+
+    load_stack(tmp_path / "fresh")
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == (
+        0o711 if os.geteuid() == 0 else 0o700)
+    assert stat.S_IMODE((tmp_path / "fresh" / "stack.json").stat().st_mode) == 0o600

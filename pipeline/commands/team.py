@@ -1,7 +1,9 @@
 """Team mode: start, stop or inspect the shared MLflow server, S3 store and PostgreSQL.
 
 Usage: python -m pipeline.commands.team up|down|status|check|user NAME [--permission READ]
-(`make team-up`, `make team-down`, `make team-status`, `make team-user NAME=... PERMISSION=...`)
+       python -m pipeline.commands.team remove-user NAME
+(`make team-up`, `make team-down`, `make team-status`, `make team-user NAME=... PERMISSION=...`,
+`make team-user-remove NAME=...`)
 
 `up` starts, on this machine and on 127.0.0.1 unless --host says otherwise, whatever is not
 running yet, waits until each part answers and writes `team.env` (mode 600), the `export` lines a
@@ -21,13 +23,14 @@ from pipeline.support import config, errors, store
 from pipeline.support.workspace import CommandError, project_root
 from pipeline.team.lifecycle import down, status, up
 from pipeline.team.settings import DEFAULT_BASE_PORT, ENV_FILE, PORT_OFFSETS, STATE_DIR, load_stack
-from pipeline.team.users import add_user
+from pipeline.team.users import add_user, remove_user
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.commands.team",
                                      description="Start, stop or inspect the team stack.")
-    parser.add_argument("command", choices=("up", "down", "status", "check", "user"))
+    parser.add_argument("command", choices=("up", "down", "status", "check", "user",
+                                                "remove-user"))
     parser.add_argument("name", nargs="?", help="user: the account to create")
     parser.add_argument("--permission", default="READ", help="user: READ, EDIT or MANAGE")
     parser.add_argument("--state", type=Path, default=None,
@@ -59,9 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             down(stack)
         elif args.command == "status":
             return 0 if status(stack) else 3
+        elif not args.name:
+            parser.error(f"{args.command} needs a NAME")
+        elif args.command == "remove-user":
+            remove_user(stack, args.name)
         else:
-            if not args.name:
-                parser.error("user needs a NAME")
             add_user(stack, args.name, args.permission.upper(), config.load(args.params).mlflow)
     except (CommandError, config.ConfigError, store.StoreUnavailable) as exc:
         errors.show_traceback(exc)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write
@@ -53,6 +54,8 @@ from pipeline.support.stage import stage_main
 from pipeline.support.store import CHALLENGER, CHAMPION
 
 REGISTRY_LOCK_URL_ENV = "FMNIST_REGISTRY_LOCK_URL"
+REGISTRY_LOCK_TIMEOUT_ENV = "FMNIST_REGISTRY_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = 120.0
 
 
 class RegistrationError(PipelineError, ValueError):
@@ -60,23 +63,53 @@ class RegistrationError(PipelineError, ValueError):
 
 
 def _lock_path(tracking_uri: str) -> Path:
-    """Next to a local sqlite store; otherwise one lock per tracking URI in the temp folder."""
+    """Next to a local sqlite store; otherwise one lock per registry in the temp folder."""
     local = store.local_store_path(tracking_uri)
     if local is not None:
         return local.with_name(local.name + ".register.lock")
-    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_registry_identity(tracking_uri).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"fashion-mnist-register-{digest}.lock"
+
+
+def _registry_identity(tracking_uri: str) -> str:
+    """What names the registry whatever the URL's spelling (127.0.0.1, localhost, a trailing
+    slash): the creation time, to the millisecond, of the Default experiment (id 0) that the
+    server made in its own database. Two databases never share it; every client reads it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        created = MlflowClient(tracking_uri=tracking_uri).get_experiment("0").creation_time
+    except MlflowException:
+        created = None
+    if created is None:  # no Default experiment: the URL, in one spelling
+        parts = urlsplit(tracking_uri)
+        host = "127.0.0.1" if parts.hostname in ("localhost", "::1") else parts.hostname
+        return f"url {parts.scheme}://{host}:{parts.port}{parts.path.rstrip('/')}"
+    return f"mlflow registry created {created}"
 
 
 def registry_lock(
     tracking_uri: str, on_wait: Callable[[str], None] | None = None
 ) -> AbstractContextManager[None]:
     """The registry's lock: PostgreSQL's advisory lock at $FMNIST_REGISTRY_LOCK_URL when set,
-    else a file lock for this store (see `pipeline.support.locks`)."""
+    else a file lock for this store (see `pipeline.support.locks`). The wait is bounded by
+    $FMNIST_REGISTRY_LOCK_TIMEOUT seconds (default 120): past it, one line names the holder."""
+    raw = os.environ.get(REGISTRY_LOCK_TIMEOUT_ENV, "").strip()
+    try:
+        timeout = float(raw) if raw else DEFAULT_LOCK_TIMEOUT
+        if not timeout > 0:
+            raise ValueError
+    except ValueError:
+        raise RegistrationError(f"{REGISTRY_LOCK_TIMEOUT_ENV}={raw!r}: expected a number of "
+                                "seconds greater than 0") from None
     shared = os.environ.get(REGISTRY_LOCK_URL_ENV)
     if shared:
-        return advisory_lock(shared, f"register {tracking_uri}", on_wait=on_wait)
-    return exclusive_lock(_lock_path(tracking_uri), on_wait=on_wait)
+        name = ("register " + (_registry_identity(tracking_uri)
+                               if store.local_store_path(tracking_uri) is None
+                               else tracking_uri))
+        return advisory_lock(shared, name, on_wait=on_wait, timeout=timeout)
+    return exclusive_lock(_lock_path(tracking_uri), on_wait=on_wait, timeout=timeout)
 
 
 def _announce_wait(holder: str) -> None:

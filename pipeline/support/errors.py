@@ -37,6 +37,10 @@ def expected() -> tuple[type[BaseException], ...]:
 def explain(exc: BaseException) -> str:
     """The message of an expected error, with MLflow's own wording where there is one."""
     message = getattr(exc, "message", None)
+    store = sys.modules.get("pipeline.support.store")  # loaded by every command that tracks
+    lost = store.server_fault(exc) if store is not None else None
+    if lost is not None:
+        return lost
     if getattr(exc, "error_code", None) == "PERMISSION_DENIED" or (
             isinstance(message, str) and "error code 403 " in message):
         user = os.environ.get(USERNAME_ENV, "")

@@ -217,10 +217,40 @@ def check_server(uri: str, timeout: float = PREFLIGHT_TIMEOUT) -> None:
         raise StoreUnavailable(f"the MLflow tracking server {uri} answered HTTP {exc.code} "
                                f"{exc.reason}: is {TRACKING_URI_ENV} an MLflow server?") from None
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StoreUnavailable(
-            f"cannot reach the MLflow tracking server {uri} ({reason}): start it (team mode: "
-            f"`make team-up`) or set {TRACKING_URI_ENV} to a running server") from None
+        raise StoreUnavailable(unreachable(uri, getattr(exc, "reason", exc))) from None
+
+
+def unreachable(uri: str, reason: object) -> str:
+    """The one line for a tracking server that does not answer, before or during a command."""
+    return (f"cannot reach the MLflow tracking server {uri} ({reason}): start it (team mode: "
+            f"`make team-up`) or set {TRACKING_URI_ENV} to a running server, then rerun (a "
+            "run left open is closed as FAILED and redone)")
+
+
+# What MLflow's HTTP client says when the server went away mid-command (after its retries).
+_CONNECTION_FAULTS = ("Max retries exceeded", "Failed to establish a new connection",
+                      "Connection refused", "Connection reset", "RemoteDisconnected",
+                      "Connection aborted", "Read timed out")
+
+
+def server_fault(exc: BaseException) -> str | None:
+    """`unreachable`'s line for an error that is a lost tracking server, else None.
+
+    MLflow wraps a connection failure in an MlflowException whose message holds the
+    urllib3/requests text; requests' own ConnectionError can come through too.
+    """
+    uri = os.environ.get(TRACKING_URI_ENV)
+    if not uri or is_local(uri):
+        return None
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(getattr(seen, "message", None) or seen)
+        if any(fault in text for fault in _CONNECTION_FAULTS):
+            reason = ("connection refused" if "refused" in text else
+                      "timed out" if "timed out" in text else "connection lost")
+            return unreachable(uri, reason)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def connect(cfg: MlflowConfig, experiment: bool = True) -> str:

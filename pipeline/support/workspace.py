@@ -141,7 +141,10 @@ def configure_env_remote(root: Path, env: dict[str, str] | None = None) -> str |
         return None
     endpoint = env.get(DVC_ENDPOINT_ENV)
     dvc = venv_tool("dvc")
-    commands = [[dvc, "remote", "add", "--local", "--default", "--force", ENV_REMOTE, url]]
+    commands = [[dvc, "remote", "add", "--local", "--default", "--force", ENV_REMOTE, url],
+                # Every pulled object is hashed against its name: a corrupted or substituted
+                # object in the store is refused instead of checked out.
+                [dvc, "remote", "modify", "--local", ENV_REMOTE, "verify", "true"]]
     if endpoint:
         commands.append([dvc, "remote", "modify", "--local", ENV_REMOTE, "endpointurl", endpoint])
     for command in commands:

@@ -13,10 +13,14 @@
   what `up` started;
 - `postgres`: the Debian server binaries, `initdb`, and one role per database (MLflow's, the
   register stage's lock, Optuna's studies), each reaching its own database only;
-- `seaweedfs` (`weed mini`, the S3 store: bucket `mlflow` for artifacts, `dvc` for the remote)
+- `seaweedfs` (`weed mini`, the S3 store: bucket `mlflow` for artifacts, `dvc` for the remote;
+  every other door closed by mutual TLS and JWT)
   and `mlflow_server` (`mlflow server --app-name basic-auth`, proxying the artifacts);
 - `lifecycle`: up, down and status of the whole stack; `users`: team members, through MLflow's
-  own auth client.
+  own auth client, each with its own S3 identity and database role (least privilege);
+  `mlflow_auth`: the server's authorization function (READ members create nothing).
+
+docs/security.md says which port checks what and who holds which key.
 
 Everything lives in one git-ignored folder (`.team/` by default): the next `up` finds the runs,
 the registry, the artifacts and the DVC objects where they were.

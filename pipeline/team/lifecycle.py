@@ -12,13 +12,14 @@ from pathlib import Path
 
 from pipeline.support.workspace import CommandError
 from pipeline.team import mlflow_server, postgres, seaweedfs, supervisor
-from pipeline.team.settings import ADMIN, Stack, env_file_text, write_private
+from pipeline.team.settings import ADMIN, Stack, env_file_text, secure_state, write_private
 
 
 def up(stack: Stack, env_file: Path, say: Callable[[str], None] = print) -> None:
     """Start what is not running, wait for each part, write the client settings."""
     bin_dir = postgres.binaries()
     started = time.monotonic()
+    secure_state(stack)
     if postgres.is_running(stack, bin_dir):
         say(f"postgres: already running on {stack.client_host}:{stack.ports['postgres']}")
     else:
@@ -40,6 +41,7 @@ def up(stack: Stack, env_file: Path, say: Callable[[str], None] = print) -> None
                         server.START_SECONDS)
         say(f"{name}: started at {url} ({time.monotonic() - began:.1f} s)")
     write_private(env_file, env_file_text(stack.client_env()))
+    secure_state(stack)  # what the servers created meanwhile (logs, databases, objects)
     say(f"team: ready in {time.monotonic() - started:.1f} s; `. {env_file}` to use it")
 
 

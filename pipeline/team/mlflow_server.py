@@ -7,8 +7,15 @@ of the state folder, with the stack's admin (see `users`).
 from __future__ import annotations
 
 from pipeline.support.workspace import child_env, venv_tool
-from pipeline.team import supervisor
-from pipeline.team.settings import ADMIN, MLFLOW_BUCKET, S3_CLIENT_ENV, Stack, write_private
+from pipeline.team import mlflow_auth, supervisor
+from pipeline.team.settings import (
+    ADMIN,
+    MEMBERS_FILE,
+    MLFLOW_BUCKET,
+    S3_CLIENT_ENV,
+    Stack,
+    write_private,
+)
 
 NAME = "mlflow"
 START_SECONDS = 120
@@ -26,7 +33,8 @@ def start(stack: Stack) -> None:
         f"database_uri = sqlite:///{stack.path('mlflow', 'basic_auth.db')}",
         f"admin_username = {ADMIN}",
         f"admin_password = {stack.secrets['admin_password']}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # MLflow's basic auth, plus: READ members create and change nothing (see mlflow_auth).
+        "authorization_function = pipeline.team.mlflow_auth:authenticate",
         # Checking a password (PBKDF2) costs more CPU than most requests: remember a good one
         # for a minute. A changed password or permission takes effect at once on this worker.
         "auth_cache_ttl_seconds = 60",
@@ -43,6 +51,8 @@ def start(stack: Stack) -> None:
         "MLFLOW_AUTH_CONFIG_PATH": str(auth),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.secrets["flask_secret"],
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        mlflow_auth.MEMBERS_ENV: str(stack.path(MEMBERS_FILE)),
+        mlflow_auth.ADMIN_ENV: ADMIN,
     }
     argv = [venv_tool("mlflow"), "server", "--app-name", "basic-auth", "--host", stack.host,
             "--port", str(stack.ports["mlflow"]), "--workers", "1"]

@@ -13,7 +13,15 @@ import subprocess
 from pathlib import Path
 
 from pipeline.support.workspace import CommandError
-from pipeline.team.settings import OPTUNA_DATABASE, ROLE_DATABASES, Stack, write_private
+from pipeline.team.settings import (
+    LOCK_DATABASE,
+    OPTUNA_DATABASE,
+    ROLE_DATABASES,
+    WRITERS,
+    Stack,
+    member_role,
+    write_private,
+)
 
 POSTGRES_ROOTS = (Path("/usr/lib/postgresql"),)
 INSTALL_HINT = "install PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`)"
@@ -141,3 +149,62 @@ def _create_optuna_tables(stack: Stack) -> None:
                                        f"{OPTUNA_DATABASE}: {getattr(exc, 'orig', None) or exc}"
                            ) from None
     storage.engine.dispose()
+
+
+def grant_member(stack: Stack, name: str, permission: str, password: str) -> None:
+    """A role of the member's own: a writer reaches the lock and the study, a reader nothing.
+
+    The study's tables belong to the study role: a writer's role is a member of it. Sessions of
+    a role that loses its rights are ended at once.
+    """
+    import psycopg
+    from psycopg import sql
+
+    role = sql.Identifier(member_role(name))
+    with psycopg.connect(stack.database_url("postgres", "postgres"), autocommit=True,
+                         connect_timeout=10) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                              (member_role(name),)).fetchone()
+        conn.execute(sql.SQL(("ALTER" if exists else "CREATE") + " ROLE {} LOGIN NOSUPERUSER "
+                             "NOCREATEDB NOCREATEROLE INHERIT PASSWORD {}").format(
+            role, sql.Literal(password)))
+        databases = sql.SQL(", ").join(sql.Identifier(d) for d in (LOCK_DATABASE, OPTUNA_DATABASE))
+        if permission in WRITERS:
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(databases, role))
+            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier("fmnist_optuna"), role))
+        else:
+            conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(databases, role))
+            conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier("fmnist_optuna"),
+                                                             role))
+            _end_sessions(conn, member_role(name))
+
+
+def drop_member(stack: Stack, name: str) -> None:
+    """The member's role, its sessions ended first (a held lock is released with them)."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(stack.database_url("postgres", "postgres"), autocommit=True,
+                         connect_timeout=10) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                        (member_role(name),)).fetchone():
+            # No new session while the old ones end.
+            conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(member_role(name))))
+        else:
+            return
+        _end_sessions(conn, member_role(name))
+    role = sql.Identifier(member_role(name))
+    for database in (OPTUNA_DATABASE, LOCK_DATABASE, "postgres"):
+        # What the role owns (a study table it made) goes to the study role; its grants go.
+        with psycopg.connect(stack.database_url("postgres", database), autocommit=True,
+                             connect_timeout=10) as conn:
+            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
+                role, sql.Identifier("fmnist_optuna")))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(role))
+            if database == "postgres":
+                conn.execute(sql.SQL("DROP ROLE {}").format(role))
+
+
+def _end_sessions(conn, role: str) -> None:
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                 (role,))

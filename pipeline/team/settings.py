@@ -7,6 +7,8 @@ client what it needs to reach the stack.
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import shlex
 from dataclasses import dataclass
@@ -27,7 +29,13 @@ OPTUNA_DATABASE = "optuna"
 ROLE_DATABASES = (("mlflow", "mlflow"), ("fmnist_lock", LOCK_DATABASE),
                   ("fmnist_optuna", OPTUNA_DATABASE))
 SECRET_NAMES = ("admin_password", *(f"{role}_password" for role, _ in ROLE_DATABASES),
-                "postgres_password", "flask_secret", "s3_secret_key")
+                "postgres_password", "flask_secret", "s3_secret_key",
+                # SeaweedFS signs volume and filer access with these (seaweedfs.security_toml).
+                "volume_jwt_write", "volume_jwt_read", "filer_jwt_write", "filer_jwt_read")
+MEMBERS_FILE = "members.json"
+# Who may write beyond MLflow: EDIT and MANAGE members push, register and tune; READ pulls.
+WRITERS = ("EDIT", "MANAGE")
+MEMBER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 # boto3 1.36+ sends CRC checksums that S3-compatible stores may reject.
 S3_CLIENT_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                  "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
@@ -65,8 +73,33 @@ class Stack:
         return (f"{driver}://{user}:{self.secrets[user + '_password']}@{self.client_host}:"
                 f"{self.ports['postgres']}/{database}")
 
+    def member_env(self, name: str) -> dict[str, str]:
+        """What member `name` gets: its own S3 keys; the lock and the study only if it writes."""
+        member = members(self)[name]
+        env = {
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),
+            "DVC_REMOTE_URL": f"s3://{DVC_BUCKET}/fashion-mnist",
+            "DVC_REMOTE_ENDPOINT_URL": self.url("s3"),
+            "AWS_ACCESS_KEY_ID": member["s3_access_key"],
+            "AWS_SECRET_ACCESS_KEY": member["s3_secret_key"],
+            **S3_CLIENT_ENV,
+        }
+        if member["permission"] in WRITERS:
+            role, password = member_role(name), member["pg_password"]
+            env["FMNIST_REGISTRY_LOCK_URL"] = self._url_as(role, password, LOCK_DATABASE)
+            env["OPTUNA_STORAGE"] = self._url_as(role, password, OPTUNA_DATABASE,
+                                                 "postgresql+psycopg")
+        return env
+
+    def _url_as(self, role: str, password: str, database: str,
+                driver: str = "postgresql") -> str:
+        from urllib.parse import quote
+
+        return (f"{driver}://{quote(role, safe='')}:{quote(password, safe='')}@"
+                f"{self.client_host}:{self.ports['postgres']}/{database}")
+
     def client_env(self) -> dict[str, str]:
-        """What a client needs: the content of team.env."""
+        """What the stack's owner needs: the content of team.env (admin keys)."""
         return {
             "MLFLOW_TRACKING_URI": self.url("mlflow"),
             "MLFLOW_TRACKING_USERNAME": ADMIN,
@@ -81,6 +114,45 @@ class Stack:
             "OPTUNA_STORAGE": self.database_url("fmnist_optuna", OPTUNA_DATABASE,
                                                 "postgresql+psycopg"),
         }
+
+
+def member_role(name: str) -> str:
+    """The PostgreSQL role of a member: its own, so that removing the member revokes it."""
+    return f"fmnist_member_{name}"
+
+
+def members(stack: Stack) -> dict[str, dict[str, str]]:
+    """The members `make team-user` made: permission, S3 keys, database password."""
+    path = stack.path(MEMBERS_FILE)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_members(stack: Stack, found: dict[str, dict[str, str]]) -> None:
+    write_private(stack.path(MEMBERS_FILE), json.dumps(found, indent=2, sort_keys=True) + "\n")
+
+
+def secure_state(stack: Stack) -> None:
+    """Nobody but the owner reads the state: folders 700, files 600.
+
+    As root, PostgreSQL runs as `postgres`, which must pass through the state folder to its own
+    data: the state folder is then 711 (enter, not list), everything in it still private.
+    PostgreSQL's data folder keeps the modes initdb gave it (700/600).
+    """
+    postgres_user = os.geteuid() == 0
+    stack.state.mkdir(parents=True, exist_ok=True)
+    stack.state.chmod(0o711 if postgres_user else 0o700)
+    postgres_data = stack.path("postgres", "data")
+    for folder, dirs, files in os.walk(stack.state):
+        here = Path(folder)
+        if here == postgres_data:
+            dirs[:] = []
+            continue
+        for name in dirs:
+            (here / name).chmod(0o700)
+        for name in files:
+            path = here / name
+            if not path.is_symlink() and path.is_file():
+                path.chmod(0o600)
 
 
 def load_stack(state: Path, host: str | None = None, base_port: int | None = None) -> Stack:
@@ -100,6 +172,7 @@ def load_stack(state: Path, host: str | None = None, base_port: int | None = Non
             _save_settings(stack)
         return stack
     base = DEFAULT_BASE_PORT if base_port is None else base_port
+    state.mkdir(mode=0o711 if os.geteuid() == 0 else 0o700, parents=True, exist_ok=True)
     stack = Stack(
         state, host or "127.0.0.1",
         {name: base + offset for name, offset in PORT_OFFSETS.items()},

@@ -62,13 +62,18 @@ def pid(state: Path, name: str) -> int | None:
     return found
 
 
-def spawn(state: Path, name: str, argv: list[str], env: dict[str, str]) -> None:
-    """Start `argv` in its own process group (so `down` stops it and its children)."""
+def spawn(state: Path, name: str, argv: list[str], env: dict[str, str],
+          cwd: Path | None = None) -> None:
+    """Start `argv` in its own process group (so `down` stops it and its children).
+
+    Its log is private (600): servers log user names, paths and sometimes request details.
+    """
     log = log_file(state, name)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as output:
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with os.fdopen(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as output:
         process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                   cwd=cwd)
     atomic_write_text(_pid_file(state, name), f"{process.pid}\n", mode=0o600)
 
 
