@@ -54,8 +54,8 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
 	@$(PYTHON) -m pipeline.commands.preflight >/dev/null
-	dvc repro
-	@$(PYTHON) -m pipeline.commands.summary
+	dvc repro --force-downstream
+	@$(PYTHON) -m pipeline.commands.summary --reproduce
 
 tune: data ## Optuna search: TRIALS=12 WORKERS=2 [TIMEOUT=s STUDY=name SEED=n ARGS="overrides"]
 	$(PYTHON) -m pipeline.tune --trials $(TRIALS) --workers $(WORKERS) \

@@ -145,7 +145,7 @@ def plan(params: Path, pull_extra: bool, compose: bool = True) -> list[Step]:
         steps.append(Step("dvc pull", (venv_tool("dvc"), "pull", EXTRA_DVC_FILE)))
     steps.append(Step("download", (sys.executable, "-m", "pipeline.stages.download",
                                    "--params", str(params))))
-    steps.append(Step("dvc repro", (venv_tool("dvc"), "repro")))
+    steps.append(Step("dvc repro", (venv_tool("dvc"), "repro", "--force-downstream")))
     return steps
 
 

@@ -180,7 +180,8 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
     except MlflowException as exc:
         raise RunFileError(
             f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}: {exc.message}. "
-            "Was the store changed or deleted? Retrain with `dvc repro -f -s train && dvc repro`."
+            "Was the store changed or moved? Retrain in this store with `make train` "
+            "(or `dvc repro --force --downstream train`)."
         ) from None
     if status in ("FAILED", "KILLED") and not allow_failed:
         raise RunFileError(f"MLflow run {run_id} is {status}: rerun `dvc repro` (evaluate redoes "

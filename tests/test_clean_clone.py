@@ -1,0 +1,98 @@
+"""A fresh clone's `make train` reproduces what is committed, and a switch of store is noticed.
+
+Real git, real DVC, real `make train`, a real sqlite MLflow store: the copy's first `make train`
+is committed (as the lead commits dvc.lock from a fresh clone), then a clone of that commit trains
+from nothing and must leave `git status` clean. In that clone, mlflow.db moves away and the next
+`make train` must record a run and a version in the new store, not report the old ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.repo_copy import MAKE, MODEL_NAME, Repo, make_repo
+
+pytestmark = pytest.mark.slow
+
+GIT = ("git", "-c", "user.name=test", "-c", "user.email=test@localhost")
+
+
+def _status(repo: Repo) -> str:
+    return repo.run("git", "status", "--porcelain", "--untracked-files=all").stdout
+
+
+def _client(repo: Repo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo.root / 'mlflow.db'}")
+    return MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Repo:
+    """A clone of a commit that holds what `make train` wrote, after its own `make train`."""
+    base = tmp_path_factory.mktemp("clean-clone")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        origin = make_repo(base / "origin", base / "mirror")
+        origin.run(*MAKE, "train")
+        origin.run("git", "add", "-A")
+        origin.run(*GIT, "commit", "-qm", "make train")
+        subprocess.run(["git", "clone", "-q", str(origin.root), str(base / "clone")], check=True)
+        repo = Repo(base / "clone", base / "mirror")
+        (repo.root / "data" / "extra").mkdir(parents=True, exist_ok=True)  # as `make setup`
+        repo.run(*MAKE, "train")
+        yield repo
+
+
+def test_a_fresh_clone_is_clean_after_make_train(clone: Repo) -> None:
+    assert _status(clone) == ""
+    for record in ("models/run.json", "models/registration.json"):
+        assert (clone.root / record).is_file()
+        assert clone.run("git", "ls-files", record).stdout == ""
+    assert "train_seconds" not in clone.json("metrics/train.json")
+    assert clone.json("models/run.json")["train_seconds"] > 0
+
+
+def test_a_moved_store_gets_a_run_and_a_version_from_make_train(clone: Repo,
+                                                                tmp_path: Path) -> None:
+    old_run = clone.json("models/run.json")["run_id"]
+    shutil.move(clone.root / "mlflow.db", tmp_path / "mlflow.db")
+    result = clone.run(*MAKE, "train")
+    assert "dvc repro --force --downstream train" in result.stderr
+    client = _client(clone)
+    run_id = clone.json("models/run.json")["run_id"]
+    assert run_id != old_run
+    assert client.get_run(run_id).info.status == "FINISHED"
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.run_id == run_id and str(champion.version) == "1"
+    assert f"({run_id})" in result.stdout and old_run not in result.stdout
+    assert "champion after   version 1" in result.stdout
+    assert _status(clone) == ""  # the same model, metrics and dvc.lock in the new store
+
+
+def test_the_summary_never_reports_a_run_the_store_lacks(clone: Repo, tmp_path: Path) -> None:
+    run_id = clone.json("models/run.json")["run_id"]
+    shutil.move(clone.root / "mlflow.db", tmp_path / "mlflow.db")
+    try:
+        result = clone.run(sys.executable, "-m", "pipeline.commands.summary", check=False)
+    finally:
+        shutil.move(tmp_path / "mlflow.db", clone.root / "mlflow.db")
+    assert result.returncode == 1
+    assert run_id not in result.stdout and "champion" not in result.stdout
+    assert f"has no run {run_id}" in result.stderr
+    assert "`dvc repro --force --downstream train`" in result.stderr
+
+
+def test_a_refused_configuration_leaves_no_output_folder(clone: Repo) -> None:
+    result = clone.run(sys.executable, "-m", "pipeline.train", "model.epochs=-1", check=False)
+    assert result.returncode == 1
+    assert "model.epochs=-1 is invalid" in result.stderr
+    assert not (clone.root / "outputs").exists()
+    assert _status(clone) == ""
