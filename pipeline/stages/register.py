@@ -194,6 +194,8 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                 handle.write((json.dumps(record, indent=2) + "\n").encode())
                 if alias is not None:
                     client.set_registered_model_alias(name, alias, version.version)
+            if promote:
+                tracking.move_champion_tag(client, champion, version)
     return record
 
 

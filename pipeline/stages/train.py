@@ -108,6 +108,7 @@ def train(cfg: config.Config, out: Outputs, source: str,
         figures.close(curves)
         for path in (out.learning_curves, out.history):
             mlflow.log_artifact(str(path), artifact_path="training")
+        tracking.log_comparable(out.learning_curves.parent)  # for the compare page
 
         model_files.save(estimator, out.model)
         info = pyfunc_model.log_model(

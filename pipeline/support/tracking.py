@@ -191,6 +191,36 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
         yield run
 
 
+# MLflow's compare page compares only the files at the top of each run's artifacts, never the
+# ones in folders ("No common artifacts"): a copy of the figures people compare goes there.
+COMPARED_FIGURES = ("confusion_test.png", "learning_curves.png")
+
+
+def log_comparable(folder: Path) -> None:
+    """Log at the top of the active run the files of `folder` named in COMPARED_FIGURES."""
+    import mlflow
+
+    for name in COMPARED_FIGURES:
+        if (folder / name).is_file():
+            mlflow.log_artifact(str(folder / name))
+
+
+CHAMPION_TAG = "champion"  # `champion=true` on the run whose version is the champion
+
+
+def move_champion_tag(client: Any, before: Any, after: Any) -> None:
+    """The champion findable in the runs list (a column, a filter `tags.champion = 'true'`):
+    the tag goes with the alias, from the previous champion's run (`before`, a model version
+    or None) to the new one's (`after`)."""
+    from mlflow.exceptions import MlflowException
+
+    if before is not None and before.run_id and before.run_id != after.run_id:
+        # its run deleted, or the tag never set (a version registered before the tag existed)
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(before.run_id, CHAMPION_TAG)
+    client.set_tag(after.run_id, CHAMPION_TAG, "true")
+
+
 KILLED = "killed"
 
 
