@@ -28,9 +28,9 @@ export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup params data train test test-fast lint bench bench-loop ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
-	team-status team-user
+.PHONY: help setup params data train test test-fast lint bench bench-loop ui runs serve predict \
+	retrain schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up \
+	team-down team-status team-user
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,9 @@ tune: data ## Optuna search: TRIALS=12 WORKERS=2 [TIMEOUT=s STUDY=name SEED=n AR
 
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
+
+runs: setup ## Table of the recent training runs: accuracy, version, champion (LIMIT=15)
+	@$(PYTHON) -m pipeline.commands.runs $(if $(LIMIT),--limit $(LIMIT))
 
 serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=models:/..., MAX_BODY_MB=16)
 	$(PYTHON) -m pipeline.commands.serve --port $(PORT) $(if $(MODEL),--model "$(MODEL)") \
