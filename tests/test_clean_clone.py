@@ -96,3 +96,15 @@ def test_a_refused_configuration_leaves_no_output_folder(clone: Repo) -> None:
     assert "model.epochs=-1 is invalid" in result.stderr
     assert not (clone.root / "outputs").exists()
     assert _status(clone) == ""
+
+
+def test_a_clone_without_run_records_gets_its_own_run(clone: Repo) -> None:
+    """A clone whose outputs came from `make pull` has the model but no record of a run."""
+    for record in ("models/run.json", "models/registration.json"):
+        (clone.root / record).unlink()
+    result = clone.run(*MAKE, "train")
+    assert "no MLflow run recorded in models/run.json" in result.stderr
+    run_id = clone.json("models/run.json")["run_id"]
+    assert _client(clone).get_run(run_id).data.metrics["test_accuracy"] > 0.9
+    assert clone.json("models/registration.json")["run_id"] == run_id
+    assert _status(clone) == ""

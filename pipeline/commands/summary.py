@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="redo the stages whose records the current store lacks")
     args = parser.parse_args(argv)
     out = Outputs()
-    if not out.run.exists():
+    if not out.run.exists() and not args.reproduce:
         print("summary: no run yet: run `make train`", file=sys.stderr)
         return 1
     try:

@@ -42,8 +42,9 @@ def check(cfg: config.MlflowConfig, out: Outputs, client: Any, uri: str) -> Miss
     """
     from mlflow.exceptions import MlflowException
 
-    run_file = tracking.read_run_file(out.run)
-    run_id = run_file["run_id"]
+    if not out.run.is_file():  # a clone whose outputs came from `make pull`: no run of its own
+        return Missing("train", f"no MLflow run recorded in {out.run}")
+    run_id = tracking.read_run_file(out.run)["run_id"]
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
