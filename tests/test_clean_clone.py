@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.repo_copy import MAKE, MODEL_NAME, Repo, make_repo
+from tests.repo_copy import BIN, MAKE, MODEL_NAME, Repo, make_repo
+from tests.test_serve import _free_port, _stop
+from tests.test_ui import _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +110,37 @@ def test_a_clone_without_run_records_gets_its_own_run(clone: Repo) -> None:
     assert _client(clone).get_run(run_id).data.metrics["test_accuracy"] > 0.9
     assert clone.json("models/registration.json")["run_id"] == run_id
     assert _status(clone) == ""
+
+
+def test_a_switch_to_a_tracking_server_records_the_run_there(clone: Repo, tmp_path: Path) -> None:
+    """The README's team step after a local `make train`: MLFLOW_TRACKING_URI now names a real
+    `mlflow server`; before, DVC found everything up to date and the summary named a champion
+    of the local store while the server had no run."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env=clone.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    local_run = clone.json("models/run.json")["run_id"]
+    saved_env = clone.env
+    try:
+        _wait_for(f"{base}/health", server)
+        clone.env = {**saved_env, "MLFLOW_TRACKING_URI": base}
+        result = clone.run(*MAKE, "train")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=base, registry_uri=base)
+        run_id = clone.json("models/run.json")["run_id"]
+        assert run_id != local_run
+        assert client.get_run(run_id).data.metrics["test_accuracy"] > 0.9
+        champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+        assert champion.run_id == run_id
+        assert f"has no run {local_run}" in result.stderr
+        assert f"({run_id})" in result.stdout and local_run not in result.stdout
+        assert _status(clone) == ""
+    finally:
+        clone.env = saved_env
+        _stop(server)
