@@ -60,6 +60,13 @@ def test_a_fresh_clone_is_clean_after_make_train(clone: Repo) -> None:
         assert clone.run("git", "ls-files", record).stdout == ""
     assert "train_seconds" not in clone.json("metrics/train.json")
     assert clone.json("models/run.json")["train_seconds"] > 0
+    # The check of a no-op `make train` reads the sqlite store without importing MLflow (3 s).
+    checked = clone.run(sys.executable, "-c", (
+        "import runpy, sys\nsys.argv = ['summary']\ntry:\n"
+        "    runpy.run_module('pipeline.commands.summary', run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        "assert 'mlflow' not in sys.modules, 'mlflow imported'\n"))
+    assert "champion after   version 1" in checked.stdout
 
 
 def test_a_moved_store_gets_a_run_and_a_version_from_make_train(clone: Repo,

@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    filter_string="" if args.trials else TRAINING_RUNS,
                                    order_by=["attributes.start_time DESC"],
                                    max_results=args.limit)
-        champion = store_records.champion_now(cfg, client)
+        champion = store_records.champion_now(cfg, store_records.ClientReader(client))
     except errors.expected() as exc:
         errors.report("runs", exc)
         return 1

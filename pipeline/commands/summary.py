@@ -40,20 +40,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         cfg = config.load(args.params).mlflow
-        uri = store.connect(cfg, experiment=False)
-        from mlflow import MlflowClient
-
-        missing = store_records.check(cfg, out, MlflowClient(), uri)
+        uri = store.tracking_uri(cfg)
+        if not uri.startswith("sqlite:"):  # the sqlite store is read without MLflow
+            uri = store.connect(cfg, experiment=False)
+        records = store_records.reader(uri)
+        missing = store_records.check(cfg, out, records, uri)
         if missing is not None and args.reproduce:
             print(f"summary: {missing.reason}: recording it in this store: {missing.command}",
                   file=sys.stderr, flush=True)
             if subprocess.run([_dvc(), *missing.command.split()[1:]]).returncode == 0:
-                missing = store_records.check(cfg, out, MlflowClient(), uri)
+                missing = store_records.check(cfg, out, records, uri)
         if missing is not None:
             print(f"summary: error: {missing.reason}; record it in this store with "
                   f"`{missing.command}`", file=sys.stderr)
             return 1
-        champion = store_records.champion_now(cfg, MlflowClient())
+        champion = store_records.champion_now(cfg, records)
     except errors.expected() as exc:
         errors.report("summary", exc)
         return 1
