@@ -28,9 +28,10 @@ export UV_PYTHON_DOWNLOADS ?= never
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: help setup params data train plots plots-diff exps samples test test-fast lint bench bench-loop ui serve predict retrain \
-	schedule unschedule schedule-systemd add-data clean tune bench-tune push pull team-up team-down \
-	team-status team-user team-user-remove champion-history rollback
+.PHONY: help setup params data train plots plots-diff exps samples test test-fast lint bench \
+	bench-loop ui runs serve predict retrain schedule unschedule schedule-systemd add-data clean \
+	tune bench-tune push pull team-up team-down team-status team-user team-user-remove \
+	champion-history rollback
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,8 +62,8 @@ data: setup ## Download, verify and split Fashion-MNIST (DVC stages download + s
 
 train: params ## Run the whole pipeline (download, split, train, evaluate, register) and summarise
 	@$(PYTHON) -m pipeline.commands.preflight >/dev/null
-	dvc repro
-	@$(PYTHON) -m pipeline.commands.summary
+	dvc repro --force-downstream
+	@$(PYTHON) -m pipeline.commands.summary --reproduce
 
 # Options built in variables (a `\` inside a variable joins lines): make echoes one clean command.
 TUNE_OPTIONS = --trials $(TRIALS) --workers $(WORKERS) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
@@ -87,6 +88,9 @@ samples: data ## Write one official test image per class to samples/ (for `make 
 
 ui: setup ## Open the MLflow UI of the project's store on 127.0.0.1:5000 (UI_PORT=...)
 	$(PYTHON) -m pipeline.commands.ui --port $(UI_PORT)
+
+runs: setup ## Table of the recent training runs: accuracy, version, champion (LIMIT=15)
+	@$(PYTHON) -m pipeline.commands.runs $(if $(LIMIT),--limit $(LIMIT))
 
 serve: setup ## Serve the champion over HTTP on 127.0.0.1:5001 (PORT=, MODEL=models:/..., MAX_BODY_MB=16)
 	$(PYTHON) -m pipeline.commands.serve $(strip $(SERVE_OPTIONS))

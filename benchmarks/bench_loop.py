@@ -7,7 +7,7 @@ real Fashion-MNIST archives, it times:
   register), with the checkout's virtualenv standing in for `make setup`;
 - a no-op `make train`;
 - `dvc repro` after one `model.learning_rate` change, against the fit time of that same run
-  (`train_seconds` in metrics/train.json): the ratio is the figure of merit, measured in one run
+  (`train_seconds` in models/run.json): the ratio is the figure of merit, measured in one run
   so that the load of the machine cancels out;
 - each stage's command alone (what DVC runs), after a parameter change;
 - `python -m pipeline.predict one.png` with the champion, and a configuration error reported by
@@ -75,7 +75,7 @@ class Copy:
         self.timed(*MAKE, "params")
 
     def fit_seconds(self) -> float:
-        return float(json.loads((self.root / "metrics/train.json").read_text())["train_seconds"])
+        return float(json.loads((self.root / "models/run.json").read_text())["train_seconds"])
 
 
 def write_png(path: Path, mirror: Path) -> None:

@@ -79,7 +79,7 @@ def test_model_groups_have_their_own_parameters() -> None:
     params["model"] = yaml.safe_load((REPO_ROOT / "conf/model/sklearn_logreg.yaml").read_text())
     spec = estimators.check_params(check(params).model)
     assert spec.kind == "sklearn_logreg"
-    assert spec.run_name == "logreg-C1-it100"
+    assert spec.run_name == "C1 it100 logreg"
     params["model"]["learning_rate"] = 0.1  # a softmax key is not a logreg key
     with pytest.raises(config.ConfigError, match="model.learning_rate is not a parameter"):
         check(params)
@@ -107,7 +107,7 @@ def test_the_model_is_built_from_its_keys_as_they_are() -> None:
     assert isinstance(built, SoftmaxRegression)
     params = {key: value for key, value in PARAMS["model"].items() if key != "_target_"}
     assert built.get_params() == {**SoftmaxRegression().get_params(), **params}
-    assert spec.run_name == "softmax-adam-lr0.005-ep5-bs512"
+    assert spec.run_name == "lr0.005 ep5 bs512 adam"
 
 
 def test_tracking_uri_precedence_and_dvc_temp_copies(tmp_path, monkeypatch) -> None:

@@ -90,6 +90,14 @@ def test_first_run_trains_evaluates_and_registers_a_champion(repo: Repo) -> None
     for name in ("confusion_test.png", "confusion_test_normalized.png", "confusion_val.png",
                  "confusion_test.csv", "per_class_test.csv", "misclassified_test.png"):
         assert f"evaluation/{name}" in artifacts
+    # MLflow's compare page compares only top-level files: the figures people compare are there.
+    top = {a.path for a in client.list_artifacts(run_id) if not a.is_dir}
+    assert {"confusion_test.png", "learning_curves.png"} <= top
+    # The UI: the experiment opens on training runs; names lead with what differs, short enough
+    # for the runs list; the champion's run carries the tag the runs list can show and filter.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name.startswith("lr") and len(run.info.run_name) <= 24
+    assert run.data.tags["champion"] == "true"
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == [
         "fashion-mnist-train", "fashion-mnist-validation"]
 
@@ -162,6 +170,8 @@ def test_worse_model_does_not_take_the_champion(repo: Repo) -> None:
     challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
     assert str(challenger.version) == "2"
     assert challenger.tags["promotion_decision"] == "kept champion"
+    assert "champion" not in client.get_run(challenger.run_id).data.tags  # stays with the alias
+    assert client.get_run(registration["champion_after"]["run_id"]).data.tags["champion"] == "true"
 
 
 def test_hydra_sweep_registers_only_its_best_point_by_validation(repo: Repo) -> None:

@@ -15,8 +15,8 @@ MAX_LINES = 300
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 # Pages and targets written on other branches of this round (issues 19 and 22); the checks below
 # accept them missing only while they are missing. Empty this once those branches are merged.
-PENDING_PAGES = {"docs/performance.md", "docs/security.md"}
-PENDING_TARGETS = {"runs"}
+PENDING_PAGES: set[str] = set()
+PENDING_TARGETS: set[str] = set()
 
 
 def _make_targets() -> set[str]:

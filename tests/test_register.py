@@ -185,6 +185,14 @@ def test_promotes_better_keeps_worse_and_ties(name: str, tmp_path: Path) -> None
     assert champion_version(name) == "2"
     recorded = json.loads((tmp_path / "d" / "models" / "registration.json").read_text())
     assert recorded["champion_after"]["version"] == "2"
+    # The runs list shows the champion: its run alone has the tag, moved with the alias.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tagged = {record["run_id"]: client.get_run(record["run_id"]).data.tags.get("champion")
+              for record in (first, better, worse, tie)}
+    assert tagged == {first["run_id"]: None, better["run_id"]: "true", worse["run_id"]: None,
+                      tie["run_id"]: None}
 
 
 def test_registering_the_same_run_twice_adds_no_version(name: str, tmp_path: Path) -> None:

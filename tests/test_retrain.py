@@ -141,8 +141,12 @@ def test_nothing_changed_is_an_unchanged_registration(tmp_path: Path) -> None:
     assert retrain.outcome_of(tmp_path, before, after).kind == "unchanged"
     first = retrain.Snapshot(dvc_lock=None, registration=None)
     assert retrain.outcome_of(tmp_path, first, after).kind == "promoted"
+    # A CI checkout with pulled outputs: no stage ran, and registration.json is not committed.
+    pulled = retrain.outcome_of(tmp_path, first, first)
+    assert pulled.kind == "unchanged" and "came from `make pull`" in pulled.line
+    stages_ran = retrain.Snapshot(dvc_lock=b"stages: {}\n", registration=None)
     with pytest.raises(CommandError, match="does not exist; is the register stage") as caught:
-        retrain.outcome_of(tmp_path, first, first)
+        retrain.outcome_of(tmp_path, first, stages_ran)
     assert caught.value.step == "read outcome"
     registration.write_text("{")
     with pytest.raises(CommandError, match="not valid JSON"):

@@ -127,6 +127,13 @@ def test_two_workers_make_one_parent_run_with_a_child_per_trial(
     assert retrained.data.tags["optuna_trial"] == str(best.number)
     assert "test_accuracy" in retrained.data.metrics
     assert f"best trial {best.number}" in result.stdout
+    # The parent run's description: the study, its best trial, what was registered.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("Optuna study `s1`") and "6 trials" in note
+    assert f"Best: trial {best.number}, val_log_loss {best.value:.4f}" in note
+    assert f"({retrained.info.run_id}) and registered as {MODEL_NAME} version" in note
+    assert all(c.info.run_name.startswith(f"trial {by_run[c.info.run_id].number}: lr")
+               for c in children)
 
 
 def test_a_second_invocation_resumes_the_study(repo: Repo, s1: FirstInvocation) -> None:
@@ -158,7 +165,9 @@ def test_pruned_and_diverged_trials_are_recorded_and_the_study_goes_on(repo: Rep
     for trial in trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         if trial.state.name == "PRUNED":
-            assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
+            # Not a crash: FINISHED, told apart by its tag (it was KILLED, a red cross).
+            assert run.info.status == "FINISHED" and run.data.tags["optuna_state"] == "PRUNED"
+            assert run.data.tags["pruned"] == "true"
             assert "lags the other trials" in run.data.tags["pruned_reason"]
         if trial.state.name == "FAIL":
             assert trial.params["learning_rate"] == 1e30

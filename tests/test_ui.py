@@ -1,9 +1,12 @@
 """`make ui`: the direct links to the experiment's training runs and to the champion's version,
-then a real `mlflow ui` on 127.0.0.1; against a tracking server, the same links on its address."""
+then a real `mlflow ui` on 127.0.0.1; against a tracking server, the same links on its address,
+and whether it asks for a login. A port that is taken is refused before any link."""
 
 from __future__ import annotations
 
+import base64
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.repo_copy import MODEL_NAME, Repo
+from tests.repo_copy import BIN, MAKE, MODEL_NAME, Repo
 from tests.test_predict import trained_repo
 from tests.test_serve import _free_port, _stop
 
@@ -81,6 +84,10 @@ def test_ui_prints_the_runs_page_and_the_champion_then_serves_them(repo: Repo) -
             timeout=120)
         assert remote.returncode == 0, remote.stderr
         assert f"{base}/#/experiments/{experiment}/runs" in remote.stdout
+        assert "login" not in remote.stdout  # this server has no basic auth
+        # The experiment opens on its training runs, not on MLflow 3's GenAI pages.
+        tags = client.get_experiment(experiment).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
         assert re.search(rf"{base}/#/models/{MODEL_NAME}/versions/{champion}\b", remote.stdout)
     finally:
         _stop(process)
@@ -105,3 +112,57 @@ def test_a_store_that_is_down_or_damaged_is_one_line(
     assert code != 0
     assert err.startswith(f"{command}: error: ") and len(err.splitlines()) == 1, err
     assert ("cannot reach the MLflow tracking server" in err) or ("is damaged" in err)
+
+
+def test_a_busy_port_is_refused_before_any_link(repo: Repo) -> None:
+    """Before, `make ui` printed links to whatever listened on the port, and exited 0."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = repo.run(*MAKE, "ui", f"UI_PORT={port}", check=False, timeout=120)
+    assert result.returncode != 0
+    said = [line for line in result.stdout.splitlines() + result.stderr.splitlines()
+            if line.startswith("ui:")]
+    assert said == [f"ui: error: cannot serve the UI on 127.0.0.1:{port} (another process "
+                    f"listens there): stop that process or choose another port, e.g. "
+                    f"`make ui UI_PORT={port + 1}`"]
+
+
+def test_ui_says_when_the_server_asks_for_a_login(repo: Repo, tmp_path: Path) -> None:
+    """A real `mlflow server --app-name basic-auth`: its UI asks the browser for a login."""
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+                   "admin_password = a-long-password-1\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   "auth_cache_ttl_seconds = 60\n")  # as the team server: one slow hash
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, env={**repo.env, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                           "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{base}/health", server)
+        # The first authenticated request sets the server up (seconds on a loaded machine):
+        # made here, so that the 5 s check of `make ui` measures the UI, not the warm-up.
+        warm_up = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Authorization": "Basic " + base64.b64encode(
+                b"admin:a-long-password-1").decode()})
+        with urllib.request.urlopen(warm_up, timeout=120):
+            pass
+        env = {**repo.env, "MLFLOW_TRACKING_URI": base, "MLFLOW_TRACKING_USERNAME": "admin",
+               "MLFLOW_TRACKING_PASSWORD": "a-long-password-1"}
+        result = subprocess.run([sys.executable, "-m", "pipeline.commands.ui"], cwd=repo.root,
+                                env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        _stop(server)
+    assert result.returncode == 0, result.stderr
+    assert ("ui: the server asks for a login: user 'admin' and its password "
+            "(MLFLOW_TRACKING_PASSWORD; team mode: in team.env)") in result.stdout
+    assert "a-long-password-1" not in result.stdout + result.stderr

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import stage_chain
 from pipeline.stages import validate
 from pipeline.support import config, errors, store, tracking
-from pipeline.support.outputs import Outputs
+from pipeline.support.outputs import Outputs, remove_if_unused
 from pipeline.support.summary_table import format_run_summary
 from pipeline.support.workspace import CONFIG_DIR
 
@@ -62,6 +62,9 @@ def main(raw: DictConfig) -> float | None:
                                         register_model=not sweeping)
     except errors.expected() as exc:
         errors.report("train", exc)
+        # A refused configuration (or a store out of reach) wrote nothing: no empty
+        # outputs/<date>/<time>/ folder left behind.
+        remove_if_unused(out.root, Path.cwd())
         # This point's run is FAILED; the other points of the sweep still run, unless the
         # tracking server is out of reach, which no point can get past.
         if sweeping and not isinstance(exc, store.StoreUnavailable):

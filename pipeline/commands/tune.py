@@ -175,7 +175,8 @@ class Objective:
         plan = self.plan
         model = {**plan.cfg.model, **search.suggest(trial, plan.space)}
         spec = estimators.check_params(model)  # the typed check, before anything trains
-        run = mlflow.start_run(run_name=f"trial-{trial.number}", parent_run_id=plan.parent_run_id,
+        run = mlflow.start_run(run_name=f"trial {trial.number}: {spec.run_name}",
+                               parent_run_id=plan.parent_run_id,
                                tags={"optuna_study": plan.study, "optuna_trial": str(trial.number),
                                      "model": spec.kind, "source": "tune",
                                      **tracking.process_tags()})
@@ -214,8 +215,11 @@ class Objective:
             return metrics[plan.space.objective]
         except optuna.TrialPruned as exc:
             trial.set_user_attr("pruned_reason", str(exc))
-            mlflow.set_tags({"optuna_state": "PRUNED", "pruned_reason": str(exc)})
-            status = "KILLED"
+            # Pruning is the search working as meant, not a crash: FINISHED (no red cross in
+            # the UI), and the tag `pruned=true` tells the trial apart from a complete one.
+            mlflow.set_tags({"optuna_state": "PRUNED", "pruned": "true",
+                             "pruned_reason": str(exc)})
+            status = "FINISHED"
             raise
         except Exception as exc:
             reason = errors.explain(exc)
@@ -367,6 +371,20 @@ def best_model_yaml(model: dict[str, Any], study: str, trial: Any, objective: st
     return header + yaml.safe_dump(model, sort_keys=False)
 
 
+def describe_study(searched: str, best: Any, objective: str, run: dict[str, Any],
+                   registration: dict[str, Any]) -> str:
+    """The parent run's description: the search, its best trial, what became of it."""
+    params = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                       for key, value in best.params.items())
+    candidate = registration["candidate"]["version"]
+    decision = ("promoted to `champion`" if registration["promoted"]
+                else "not promoted (alias `challenger`)")
+    return (f"{searched}\n\nBest: trial {best.number}, {objective} {best.value:.4f} ({params})."
+            f"\n\nRetrained as run **{run['run_name']}** ({run['run_id']}) and registered as "
+            f"{registration.get('registered_model', 'the model')} version {candidate}, "
+            f"{decision} on {registration['metric']}: {registration['reason']}.")
+
+
 def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers: int,
          timeout: float | None, study_name: str, seed: int | None) -> int:
     import mlflow
@@ -388,6 +406,8 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
         tags={"optuna_study": study_name, "optuna_storage": store.redact_url(url), "source": "tune",
               "git_commit": commit, "git_dirty": str(dirty).lower(), "model": "study"})
     parent_id = parent.info.run_id
+    client.set_tag(parent_id, tracking.NOTE, f"Optuna study `{study_name}`: {n_trials} trials "
+                   f"on {n_workers} workers, running.")
     client.log_dict(parent_id, {"objective": space.objective, "pruner": space.pruner,
                                 "space": [dataclasses.asdict(d) for d in space.dimensions]},
                     "optuna/search_space.yaml")
@@ -423,7 +443,13 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
         client.log_metric(parent_id, f"trials_{state.lower()}", count)
     print(f"tune: {len(mine)} trials in {seconds:.1f} s: {counts['COMPLETE']} complete, "
           f"{counts['PRUNED']} pruned, {counts['FAIL']} failed", file=sys.stderr)
+    searched = (f"Optuna study `{study_name}` ({store.redact_url(url)}): {len(mine)} trials in "
+                f"{seconds:.0f} s on {n_workers} workers ({counts['COMPLETE']} complete, "
+                f"{counts['PRUNED']} pruned, {counts['FAIL']} failed), objective "
+                f"{space.objective} on validation.")
     if not any(t.state.name == "COMPLETE" for t in study.trials):
+        client.set_tag(parent_id, tracking.NOTE, f"{searched}\n\nNo trial completed: nothing "
+                                                 "was registered.")
         client.set_terminated(parent_id, "FAILED")
         print(f"tune: error: no trial of study {study_name!r} completed; nothing to register",
               file=sys.stderr)
@@ -455,6 +481,8 @@ def tune(cfg: config.Config, space: search.SearchSpace, n_trials: int, n_workers
     client.set_tag(parent_id, "best_run_id", chained.run["run_id"])
     client.set_tag(parent_id, "registered_version",
                    chained.registration["candidate"]["version"])
+    client.set_tag(parent_id, tracking.NOTE, describe_study(
+        searched, best, space.objective, chained.run, chained.registration))
     client.set_terminated(parent_id, "FINISHED")
     print(format_run_summary(out))
     print(f"tune: best trial {best.number} ({space.objective}={best.value:.4f}); its config: "

@@ -106,6 +106,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
             mlflow.log_metrics({f"{split}_{k}": v for k, v in evaluation.scalars.items()})
             record_split(split, evaluation, X, y, proba, class_names, out)
         mlflow.log_artifacts(str(out.evaluation), artifact_path="evaluation")
+        tracking.log_comparable(out.evaluation)  # for the compare page
         atomic_write_text(out.evaluate_metrics, json.dumps(results, indent=2) + "\n")
     return results
 

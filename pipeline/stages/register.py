@@ -247,6 +247,8 @@ def run(cfg: config.Config, out: Outputs, run_id: str, model_uri: str) -> dict[s
                                                      record, store.tracking_uri(cfg.mlflow))
                 elif alias is not None:
                     client.set_registered_model_alias(name, alias, version.version)
+            if promote:
+                tracking.move_champion_tag(client, champion, version)
     return record
 
 

@@ -158,16 +158,17 @@ def train(cfg: config.Config, out: Outputs, source: str,
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curves)
         best = estimators.best_epoch(estimator, history)
         final = next(row for row in history if row["epoch"] == best)
+        # metrics/train.json holds what the data and the code decide, so a clone that retrains
+        # reproduces it; the wall time belongs to this moment: MLflow and models/run.json.
         summary = {
-            "train_seconds": seconds,
             "epochs_run": history[-1]["epoch"],
             "best_epoch": best,
             **{key: final[key] for key in ("train_loss", "train_accuracy", "val_loss",
                                            "val_accuracy")},
         }
         # val_* come from the evaluate stage, measured on the final model.
-        mlflow.log_metrics({key: float(value) for key, value in summary.items()
-                            if not key.startswith("val_")})
+        mlflow.log_metrics({"train_seconds": seconds, **{
+            key: float(value) for key, value in summary.items() if not key.startswith("val_")}})
 
         atomic_write_text(out.history,
                           pd.DataFrame(history, columns=list(HISTORY_KEYS)).to_csv(index=False))
@@ -177,6 +178,7 @@ def train(cfg: config.Config, out: Outputs, source: str,
         figures.close(curves)
         for path in (out.learning_curves, out.history):
             mlflow.log_artifact(str(path), artifact_path="training")
+        tracking.log_comparable(out.learning_curves.parent)  # for the compare page
 
         model_files.save(estimator, out.model)
         info = pyfunc_model.log_model(
@@ -187,7 +189,8 @@ def train(cfg: config.Config, out: Outputs, source: str,
             code_paths=[str(Path(__file__).parents[1])],
         )
         record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                  "run_name": run.info.run_name, "model_uri": info.model_uri}
+                  "run_name": run.info.run_name, "model_uri": info.model_uri,
+                  "train_seconds": round(seconds, 3)}
         tracking.write_run_file(out.run, **record)
     print(f"train: {run.info.run_name}: val_accuracy {summary['val_accuracy']:.4f} in "
           f"{seconds:.1f} s ({summary['epochs_run']} {unit}s); MLflow run {run.info.run_id}")

@@ -30,11 +30,13 @@ class Kind:
 
 # `_target_` -> kind. Only these factories may be instantiated from a configuration.
 KINDS: dict[str, Kind] = {
+    # Short, and what differs between runs first: the UI's run list cuts names at about 20
+    # characters (the kind is the `model` tag).
     "pipeline.core.estimator.SoftmaxRegression": Kind(
-        "softmax", lambda p: f"softmax-{p['optimizer']}-lr{p['learning_rate']:g}"
-                             f"-ep{p['epochs']}-bs{p['batch_size']}"),
+        "softmax", lambda p: f"lr{p['learning_rate']:g} ep{p['epochs']} bs{p['batch_size']} "
+                             f"{p['optimizer']}"),
     "pipeline.core.baseline.make_logistic_regression": Kind(
-        "sklearn_logreg", lambda p: f"logreg-C{p['C']:g}-it{p['max_iter']}"),
+        "sklearn_logreg", lambda p: f"C{p['C']:g} it{p['max_iter']} logreg"),
 }
 
 

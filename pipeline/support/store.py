@@ -35,6 +35,11 @@ AUTH_PLUGIN_ENV = "MLFLOW_TRACKING_AUTH"
 PREFLIGHT_TIMEOUT = 5.0  # seconds; with the answer's parsing, well under the promised 10 s
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and opens GenAI
+# pages (traces, the assistant). Model training is the kind the UI calls custom model
+# development: it opens on the runs list.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 # Before mlflow is imported: no telemetry, no progress bars in DVC's logs, and a tracking server
 # that is down fails in seconds instead of minutes of retries with back-off.
@@ -268,8 +273,24 @@ def connect(cfg: MlflowConfig, experiment: bool = True) -> str:
     check_integrity(uri)
     mlflow.set_tracking_uri(uri)
     if experiment:
-        mlflow.set_experiment(cfg.experiment)
+        declare_training(mlflow.set_experiment(cfg.experiment))
     return uri
+
+
+def declare_training(experiment) -> None:  # noqa: ANN001 - mlflow.entities.Experiment
+    """Tag the experiment as model training (`TRAINING_KIND`), once: the UI then opens it on its
+    runs. A user who may not edit the experiment (a team server's READ) leaves it as it is."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) == TRAINING_KIND:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                          TRAINING_KIND)
+    except MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
 
 
 def preflight(cfg: MlflowConfig) -> str:

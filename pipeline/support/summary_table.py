@@ -1,6 +1,8 @@
 """The table printed at the end of a run: what was trained, how it scored, who is champion.
 
-Reads only the files the stages wrote, so it works after a `dvc repro` that skipped every stage.
+Reads only the files the stages wrote, so it works after a `dvc repro` that skipped every stage;
+the caller checks first that the current store holds the run and version they name
+(`store_records`), and passes where the champion alias points now.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def _version_cell(entry: dict[str, Any] | None) -> str:
     return f"version {entry['version']}" + (f" ({value:.4f})" if value is not None else "")
 
 
-def format_run_summary(out: Outputs | None = None) -> str:
+def format_run_summary(out: Outputs | None = None, champion_now: str | None = None) -> str:
+    """`champion_now`: the champion's version in the store now, when the caller read it."""
     out = out or Outputs()
     run = _read(out.run) or {}
     trained = _read(out.train_metrics) or {}
@@ -36,8 +39,11 @@ def format_run_summary(out: Outputs | None = None) -> str:
     name, run_id = run.get("run_name", "?"), run.get("run_id", "?")
     rows: list[tuple[str, str]] = [("run", f"{name} ({run_id})")]
     if trained:
-        rows.append(("training", f"{trained['train_seconds']:.1f} s, {trained['epochs_run']} "
-                                 f"epochs (best {trained['best_epoch']})"))
+        # the wall time is in the run record (models/run.json), not in the committed metrics
+        seconds = run.get("train_seconds", trained.get("train_seconds"))
+        took = f"{seconds:.1f} s, " if seconds is not None else ""
+        rows.append(("training", f"{took}{trained['epochs_run']} epochs "
+                                 f"(best {trained['best_epoch']})"))
     for key in ("accuracy", "f1_macro", "log_loss"):
         values = [f"{split} {evaluated[split][key]:.4f}" for split in ("val", "test")
                   if key in evaluated.get(split, {})]
@@ -54,6 +60,9 @@ def format_run_summary(out: Outputs | None = None) -> str:
         if registration.get("same_bytes_as") is not None:
             rows.append(("model bytes", f"already registered as version "
                                         f"{registration['same_bytes_as']}: no new version"))
+        after = (registration["champion_after"] or {}).get("version")
+        if champion_now is not None and champion_now != str(after):
+            rows.append(("champion now", f"version {champion_now} (moved since this run)"))
     width = max(len(label) for label, _ in rows)
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
     lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]

@@ -180,7 +180,8 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
     except MlflowException as exc:
         raise RunFileError(
             f"MLflow run {run_id} not found in {mlflow.get_tracking_uri()}: {exc.message}. "
-            "Was the store changed or deleted? Retrain with `dvc repro -f -s train && dvc repro`."
+            "Was the store changed or moved? Retrain in this store with `make train` "
+            "(or `dvc repro --force --downstream train`)."
         ) from None
     if status in ("FAILED", "KILLED") and not allow_failed:
         raise RunFileError(f"MLflow run {run_id} is {status}: rerun `dvc repro` (evaluate redoes "
@@ -188,6 +189,36 @@ def resume(run_id: str, allow_failed: bool = False) -> Iterator[Any]:
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags(process_tags())  # this process owns the run now (`fail_killed_runs`)
         yield run
+
+
+# MLflow's compare page compares only the files at the top of each run's artifacts, never the
+# ones in folders ("No common artifacts"): a copy of the figures people compare goes there.
+COMPARED_FIGURES = ("confusion_test.png", "learning_curves.png")
+
+
+def log_comparable(folder: Path) -> None:
+    """Log at the top of the active run the files of `folder` named in COMPARED_FIGURES."""
+    import mlflow
+
+    for name in COMPARED_FIGURES:
+        if (folder / name).is_file():
+            mlflow.log_artifact(str(folder / name))
+
+
+CHAMPION_TAG = "champion"  # `champion=true` on the run whose version is the champion
+
+
+def move_champion_tag(client: Any, before: Any, after: Any) -> None:
+    """The champion findable in the runs list (a column, a filter `tags.champion = 'true'`):
+    the tag goes with the alias, from the previous champion's run (`before`, a model version
+    or None) to the new one's (`after`)."""
+    from mlflow.exceptions import MlflowException
+
+    if before is not None and before.run_id and before.run_id != after.run_id:
+        # its run deleted, or the tag never set (a version registered before the tag existed)
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(before.run_id, CHAMPION_TAG)
+    client.set_tag(after.run_id, CHAMPION_TAG, "true")
 
 
 KILLED = "killed"
