@@ -11,7 +11,6 @@ import contextvars
 import functools
 import math
 import numbers
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from pipeline.core.preprocessing import (
     PixelFeatures,
     row_chunks,
     transform_pixels,
+    usable_cores,
 )
 from pipeline.core.softmax import cross_entropy, log_softmax, softmax
 
@@ -51,13 +51,6 @@ def _one_blas_thread():
     which makes the fit's skinny products up to 10x slower when the cores are shared (measured
     with other work running). `_BatchGradients` uses two cores its own way instead."""
     return _blas_threads().limit(limits=1, user_api="blas")
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class TrainingDivergedError(PipelineError, ValueError):
@@ -136,7 +129,7 @@ class _BatchGradients:
         self.logits = [np.empty(n_classes * half, dtype=dtype) for _ in range(2)]
         self.grad_coefs = [np.empty((n_classes, n_features), dtype=dtype) for _ in range(2)]
         self.grad_intercepts = [np.empty(n_classes, dtype=dtype) for _ in range(2)]
-        self.helper = ThreadPoolExecutor(1) if parallel and _usable_cores() > 1 else None
+        self.helper = ThreadPoolExecutor(1) if parallel and usable_cores() > 1 else None
 
     def close(self) -> None:
         if self.helper is not None:
