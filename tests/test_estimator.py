@@ -162,9 +162,11 @@ def test_weights_do_not_depend_on_threads(monkeypatch, blas_threads):
     the machine's cores."""
     X, y = fake_images(2500)  # three row chunks of preprocessing
     params = {"random_state": 1, "batch_size": 97, "epochs": 2}
+    for module in (estimator, preprocessing):
+        monkeypatch.setattr(module, "spare_core", lambda: True)
     parallel = SoftmaxRegression(**params).fit(X, y)
     for module in (estimator, preprocessing):
-        monkeypatch.setattr(module, "usable_cores", lambda: 1)
+        monkeypatch.setattr(module, "spare_core", lambda: False)
     with threadpool_limits(blas_threads, user_api="blas"):
         serial = SoftmaxRegression(**params).fit(X, y)
     assert parallel.coef_.tobytes() == serial.coef_.tobytes()

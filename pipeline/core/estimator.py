@@ -29,8 +29,8 @@ from pipeline.core.preprocessing import (
     PIXEL_PARAMETER_CONSTRAINTS,
     PixelFeatures,
     row_chunks,
+    spare_core,
     transform_pixels,
-    usable_cores,
 )
 from pipeline.core.softmax import cross_entropy, log_softmax, softmax
 
@@ -120,7 +120,8 @@ class _BatchGradients:
     the second half runs on a helper thread (numpy releases the GIL in the products) or after
     the first. That keeps BLAS at one thread, deterministic, and still uses two cores: each
     half is a one-thread product on its own core, and only one hand-over per batch is needed.
-    With one usable core (or `parallel=False`) both halves run in the calling thread.
+    Without an idle second core (or with `parallel=False`) both halves run in the calling
+    thread.
     """
 
     def __init__(self, n_classes: int, n_features: int, batch_size: int, dtype,
@@ -129,7 +130,7 @@ class _BatchGradients:
         self.logits = [np.empty(n_classes * half, dtype=dtype) for _ in range(2)]
         self.grad_coefs = [np.empty((n_classes, n_features), dtype=dtype) for _ in range(2)]
         self.grad_intercepts = [np.empty(n_classes, dtype=dtype) for _ in range(2)]
-        self.helper = ThreadPoolExecutor(1) if parallel and usable_cores() > 1 else None
+        self.helper = ThreadPoolExecutor(1) if parallel and spare_core() else None
 
     def close(self) -> None:
         if self.helper is not None:

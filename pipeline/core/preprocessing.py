@@ -55,15 +55,30 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def spare_core() -> bool:
+    """Whether a second thread would find an idle core: two usable cores, and fewer than 1.5
+    tasks running on average over the last minute (this process's own thread counts one).
+
+    Measured on 2 shared cores: with two fits at once (`make tune`, 2 workers), giving each a
+    second thread made the trials 3x slower than the one-thread fit of before. The choice never
+    changes the result (see `_each_chunk`, `_BatchGradients`), only where the work runs.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available: assume busy
+        return False
+    return usable_cores() >= 2 and load < usable_cores() - 0.5
+
+
 def _each_chunk(work: Callable[[int, int], object], n_rows: int) -> Iterator[object]:
-    """work(start, stop) for each row chunk, on two threads where there are two cores.
+    """work(start, stop) for each row chunk, on two threads when a second core is idle.
 
     numpy releases the GIL in the gathers and counts these chunks are made of, so two threads
     take about half the time. The results come back in chunk order, and each chunk's work is
     the same whichever thread does it, so the output never depends on the threads.
     """
     chunks = list(row_chunks(n_rows))
-    if len(chunks) < 2 or usable_cores() < 2:
+    if len(chunks) < 2 or not spare_core():
         yield from (work(start, stop) for start, stop in chunks)
         return
     with ThreadPoolExecutor(2) as pool:
