@@ -19,6 +19,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -56,18 +57,24 @@ def usable_cores() -> int:
 
 
 def spare_core() -> bool:
-    """Whether a second thread would find an idle core: two usable cores, and fewer than 1.5
-    tasks running on average over the last minute (this process's own thread counts one).
+    """Whether a second thread would find an idle core: two usable cores, and no other task
+    runnable on the machine at this moment (Linux's /proc/loadavg; elsewhere the 1-minute load
+    average below 1.5).
 
-    Measured on 2 shared cores: with two fits at once (`make tune`, 2 workers), giving each a
-    second thread made the trials 3x slower than the one-thread fit of before. The choice never
-    changes the result (see `_each_chunk`, `_BatchGradients`), only where the work runs.
+    With every core busy (two `make tune` workers on two cores, other jobs), a second thread
+    only adds hand-overs. The choice never changes the result (see `_each_chunk` and the
+    estimator's `_BatchGradients`), only where the work runs.
     """
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available: assume busy
+    if usable_cores() < 2:
         return False
-    return usable_cores() >= 2 and load < usable_cores() - 0.5
+    try:  # "0.52 0.58 0.59 1/467 12345": runnable tasks (this thread included) / all tasks
+        runnable = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        try:
+            return os.getloadavg()[0] < 1.5
+        except OSError:
+            return False
+    return runnable <= 1
 
 
 def _each_chunk(work: Callable[[int, int], object], n_rows: int) -> Iterator[object]:
