@@ -7,6 +7,7 @@ checked by `benchmarks/bench_softmax.py`, never by a timed test.
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from threadpoolctl import threadpool_limits
 
+from pipeline.core import estimator, preprocessing
 from pipeline.core.estimator import (
     HISTORY_KEYS,
     SoftmaxRegression,
@@ -150,6 +153,41 @@ def test_same_seed_gives_identical_weights():
     np.testing.assert_array_equal(first.coef_, second.coef_)
     np.testing.assert_array_equal(first.intercept_, second.intercept_)
     assert not np.array_equal(first.coef_, other.coef_)
+
+
+@pytest.mark.parametrize("blas_threads", [1, 4])
+def test_weights_do_not_depend_on_threads(monkeypatch, blas_threads):
+    """The same bits whether the batch halves and the feature chunks run on two threads or one
+    after the other, and whatever BLAS threads the caller set: model files must not depend on
+    the machine's cores."""
+    X, y = fake_images(2500)  # three row chunks of preprocessing
+    params = {"random_state": 1, "batch_size": 97, "epochs": 2}
+    for module in (estimator, preprocessing):
+        monkeypatch.setattr(module, "spare_core", lambda: True)
+    parallel = SoftmaxRegression(**params).fit(X, y)
+    for module in (estimator, preprocessing):
+        monkeypatch.setattr(module, "spare_core", lambda: False)
+    with threadpool_limits(blas_threads, user_api="blas"):
+        serial = SoftmaxRegression(**params).fit(X, y)
+    assert parallel.coef_.tobytes() == serial.coef_.tobytes()
+    assert parallel.intercept_.tobytes() == serial.intercept_.tobytes()
+    assert parallel.history_ == serial.history_
+
+
+def test_pixel_features_learn_their_statistics_without_building_the_features():
+    """fit counts pixel values instead of materialising 12 bytes of features per pixel (the
+    estimator then builds the features once, in its shuffled order)."""
+    X = np.random.default_rng(0).integers(0, 256, (20_000, 784), dtype=np.uint8)
+    feature_bytes = X.size * 3 * 4
+    tracemalloc.start()
+    try:
+        fitted = PixelFeatures().fit(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < feature_bytes / 4
+    as_floats = preprocessing.transform_pixels(X, "power", 0.25, 2).astype(np.float64)
+    np.testing.assert_allclose(fitted.mean_, as_floats.mean(axis=0), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("hinges", [0, 2])

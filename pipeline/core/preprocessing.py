@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -44,6 +47,49 @@ PIXEL_PARAMETER_CONSTRAINTS: dict = {
 def row_chunks(n_rows: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
     for start in range(0, n_rows, chunk_rows):
         yield start, min(start + chunk_rows, n_rows)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def spare_core() -> bool:
+    """Whether a second thread would find an idle core: two usable cores, and no other task
+    runnable on the machine at this moment (Linux's /proc/loadavg; elsewhere the 1-minute load
+    average below 1.5).
+
+    With every core busy (two `make tune` workers on two cores, other jobs), a second thread
+    only adds hand-overs. The choice never changes the result (see `_each_chunk` and the
+    estimator's `_BatchGradients`), only where the work runs.
+    """
+    if usable_cores() < 2:
+        return False
+    try:  # "0.52 0.58 0.59 1/467 12345": runnable tasks (this thread included) / all tasks
+        runnable = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        try:
+            return os.getloadavg()[0] < 1.5
+        except OSError:
+            return False
+    return runnable <= 1
+
+
+def _each_chunk(work: Callable[[int, int], object], n_rows: int) -> Iterator[object]:
+    """work(start, stop) for each row chunk, on two threads when a second core is idle.
+
+    numpy releases the GIL in the gathers and counts these chunks are made of, so two threads
+    take about half the time. The results come back in chunk order, and each chunk's work is
+    the same whichever thread does it, so the output never depends on the threads.
+    """
+    chunks = list(row_chunks(n_rows))
+    if len(chunks) < 2 or not spare_core():
+        yield from (work(start, stop) for start, stop in chunks)
+        return
+    with ThreadPoolExecutor(2) as pool:
+        yield from pool.map(lambda chunk: work(*chunk), chunks)
 
 
 def hinge_knots(hinges: int) -> np.ndarray:
@@ -122,36 +168,104 @@ def transform_pixels(X: np.ndarray, transform: str | None, power: float = 0.5,
     return transformed
 
 
-def fit_transform_standardised(
-    X: np.ndarray, transform: str | None, power: float = 0.5, hinges: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Transform X, learn per-feature mean and (floored) std, standardise: (features, mean, std).
+def _as_pixels(X: np.ndarray) -> np.ndarray | None:
+    """X as uint8 if it holds only whole numbers 0..255, else None.
 
-    The statistics come from the same pass that transforms each chunk, as float64 sums of values
-    shifted by the first row, which keeps E[d^2] - E[d]^2 accurate for features far from zero.
-    (Not BLAS products with a ones vector: OpenBLAS threads make those slower here, not faster.)
+    Such floats are pixels given as floats: taking the uint8 path for them gives features and
+    statistics bit-identical to those of the same images as uint8.
+    """
+    if X.dtype == np.uint8:
+        return X
+    with np.errstate(invalid="ignore"):
+        pixels = X.astype(np.uint8)
+    return pixels if np.array_equal(pixels, X) else None
+
+
+def _pixel_value_indices(pixels: np.ndarray) -> np.ndarray:
+    """pixel index * 256 + value: the row of a (n_pixels * 256) per-pixel table."""
+    indices = pixels.astype(np.intp)
+    indices += np.arange(pixels.shape[1], dtype=np.intp) * 256
+    return indices
+
+
+def feature_statistics(
+    X: np.ndarray, transform: str | None, power: float = 0.5, hinges: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and (floored) std of the features of X, without building the features.
+
+    For pixels (uint8, or whole-number floats 0..255) each feature is a function of one pixel's
+    value, so the statistics come exactly from how often each value occurs at each pixel: a
+    count over the uint8 images (a twelfth of the bytes of the float32 features), then float64
+    sums over 256 values. Other inputs are transformed chunk by chunk and summed in float64,
+    shifted by the first row to keep E[d^2] - E[d]^2 accurate for features far from zero.
     """
     _check_transform(transform)
-    n_samples = X.shape[0]
-    n_features = n_output_features(X.shape[1], hinges)
-    transformed = np.empty((n_samples, n_features), dtype=np.float32)
-    shift = None
-    sums = np.zeros(n_features, dtype=np.float64)
-    sums_of_squares = np.zeros(n_features, dtype=np.float64)
-    for start, stop in row_chunks(n_samples):
-        chunk = transformed[start:stop]
-        _transform_chunk(X[start:stop], chunk, transform, power, hinges)
-        if shift is None:
-            shift = chunk[0].copy()
-        deviations = chunk - shift
-        sums += deviations.sum(axis=0, dtype=np.float64)
-        deviations *= deviations
-        sums_of_squares += deviations.sum(axis=0, dtype=np.float64)
-    mean_deviation = sums / n_samples
-    variance = np.maximum(sums_of_squares / n_samples - mean_deviation**2, 0.0)
-    mean = (shift + mean_deviation).astype(np.float32)
-    scale = np.maximum(np.sqrt(variance), STD_FLOOR).astype(np.float32)
-    return standardise_inplace(transformed, mean, scale), mean, scale
+    n_samples, n_pixels = X.shape
+    pixels = _as_pixels(X)
+    if pixels is not None:
+        counts = np.zeros(n_pixels * 256, dtype=np.intp)
+        for chunk_counts in _each_chunk(
+            lambda start, stop: np.bincount(_pixel_value_indices(pixels[start:stop]).ravel(),
+                                            minlength=n_pixels * 256),
+            n_samples,
+        ):
+            counts += chunk_counts  # integer sums: the same in any order
+        # Elementwise products and numpy sums, not BLAS: their rounding never depends on threads.
+        weights = (counts.reshape(n_pixels, 256, 1) / n_samples)
+        values = _value_table(transform, power, hinges).astype(np.float64)
+        mean = (weights * values).sum(axis=1)
+        variance = (weights * np.square(values - mean[:, None, :])).sum(axis=1)
+        mean, variance = mean.ravel(), variance.ravel()
+    else:
+        n_features = n_output_features(n_pixels, hinges)
+        buffer = np.empty((min(CHUNK_ROWS, n_samples), n_features), dtype=np.float32)
+        shift = None
+        sums = np.zeros(n_features, dtype=np.float64)
+        sums_of_squares = np.zeros(n_features, dtype=np.float64)
+        for start, stop in row_chunks(n_samples):
+            chunk = buffer[: stop - start]
+            _transform_chunk(X[start:stop], chunk, transform, power, hinges)
+            if shift is None:
+                shift = chunk[0].copy()
+            chunk -= shift
+            sums += chunk.sum(axis=0, dtype=np.float64)
+            chunk *= chunk
+            sums_of_squares += chunk.sum(axis=0, dtype=np.float64)
+        mean_deviation = sums / n_samples
+        variance = np.maximum(sums_of_squares / n_samples - mean_deviation**2, 0.0)
+        mean = shift + mean_deviation
+    return (mean.astype(np.float32),
+            np.maximum(np.sqrt(variance), STD_FLOOR).astype(np.float32))
+
+
+def standardised_features(
+    X: np.ndarray, transform: str | None, power: float, hinges: int, mean: np.ndarray,
+    scale: np.ndarray,
+) -> np.ndarray:
+    """The features of X standardised with `mean` and `scale`, as a new float32 array.
+
+    For pixels, one gather from a per-pixel table of the standardised features of each of the
+    256 values (the table is computed with the same float32 operations as
+    `standardise_inplace`, so both give the same bits): one write of the output instead of a
+    write, then a read and a write to standardise it.
+    """
+    _check_transform(transform)
+    pixels = _as_pixels(X)
+    if pixels is None:
+        return standardise_inplace(transform_pixels(X, transform, power, hinges), mean, scale)
+    n_samples, n_pixels = pixels.shape
+    per_feature = 1 + hinges
+    table = _value_table(transform, power, hinges)[None] - mean.reshape(n_pixels, 1, per_feature)
+    table *= (np.float32(1.0) / scale).reshape(n_pixels, 1, per_feature)
+    table = table.reshape(n_pixels * 256, per_feature)
+    features = np.empty((n_samples, n_output_features(n_pixels, hinges)), dtype=np.float32)
+
+    def fill(start: int, stop: int) -> None:
+        _gather(table, _pixel_value_indices(pixels[start:stop]), features[start:stop])
+
+    for _ in _each_chunk(fill, n_samples):
+        pass
+    return features
 
 
 def standardise_inplace(features: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -184,22 +298,28 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
         self.hinges = hinges
 
     def fit(self, X, y=None):
-        self._fit_transform(X)
+        self._fit(X)
         return self
 
     def fit_transform(self, X, y=None, **fit_params):
-        return self._fit_transform(X)
+        return self._features(self._fit(X))
 
-    def _fit_transform(self, X) -> np.ndarray:
+    def _fit(self, X) -> np.ndarray:
+        """Learn the statistics (a count of pixel values, not a pass over the features)."""
         self._validate_params()
         X = validate_data(self, X, dtype=ACCEPTED_DTYPES, order="C")
         if self.scaling == "minmax":
             self.mean_ = self.scale_ = None
+        else:
+            self.mean_, self.scale_ = feature_statistics(
+                X, self.pixel_transform, self.power, self.hinges)
+        return X
+
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        if self.mean_ is None:
             return transform_pixels(X, self.pixel_transform, self.power, self.hinges)
-        features, self.mean_, self.scale_ = fit_transform_standardised(
-            X, self.pixel_transform, self.power, self.hinges
-        )
-        return features
+        return standardised_features(X, self.pixel_transform, self.power, self.hinges,
+                                     self.mean_, self.scale_)
 
     def __setstate__(self, state: dict) -> None:
         """Files written before `hinges` existed had none."""
@@ -209,10 +329,7 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self, "n_features_in_")
         X = validate_data(self, X, reset=False, dtype=ACCEPTED_DTYPES, order="C")
-        features = transform_pixels(X, self.pixel_transform, self.power, self.hinges)
-        if self.mean_ is None:
-            return features
-        return standardise_inplace(features, self.mean_, self.scale_)
+        return self._features(X)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
