@@ -124,3 +124,20 @@ def test_a_version_that_is_not_a_number_is_refused(tmp_path: Path, version: str)
     assert refused.returncode == 2
     assert refused.stderr == (f"rollback: error: VERSION={version!r} is invalid: expected a "
                               "version number\n")
+
+
+def test_the_default_rollback_target_follows_promotions_then_the_move_that_made_the_champion(
+) -> None:
+    from pipeline.support.champion_ledger import PROMOTION, previous_champion
+
+    def move(action: str, before: str | None, after: str) -> dict[str, str | None]:
+        return {"action": action, "from_version": before, "to_version": after}
+
+    promoted = [move(PROMOTION, None, "1"), move(PROMOTION, "1", "2"), move(PROMOTION, "2", "3")]
+    assert previous_champion(promoted, "3") == "2"
+    # Rolled back 3 -> 2: the next default goes on to 1, not back to 3.
+    assert previous_champion([*promoted, move("rollback", "3", "2")], "2") == "1"
+    # Version 4 was never promoted; `rollback --version 4` made it champion: back to 1.
+    pinned = [*promoted[:1], move("rollback", "1", "4")]
+    assert previous_champion(pinned, "4") == "1"
+    assert previous_champion(promoted[:1], "1") is None

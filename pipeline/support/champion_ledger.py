@@ -137,8 +137,12 @@ def record_promotion(client: Any, experiment_id: str, registration: dict[str, An
 
 def previous_champion(records: list[dict[str, Any]], current: str) -> str | None:
     """The champion before `current` in the promotion history: rolling back twice goes two
-    promotions back (3 -> 2 -> 1), not back and forth."""
+    promotions back (3 -> 2 -> 1), not back and forth. A version that was never promoted
+    (made champion by `rollback --version`) goes back to the one it replaced."""
     for record in reversed(records):
         if record["action"] == PROMOTION and record["to_version"] == current:
+            return record["from_version"]
+    for record in reversed(records):
+        if record["to_version"] == current:
             return record["from_version"]
     return None
