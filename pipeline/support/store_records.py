@@ -155,7 +155,11 @@ def check(cfg: config.MlflowConfig, out: Outputs, store: Reader, uri: str) -> Mi
     if recorded_run != run_id:
         return Missing("register", f"{out.registration} is about run {recorded_run}, not the "
                                    f"current run {run_id}")
-    if store.version_run(cfg.registered_model, version) != run_id:
+    holder = store.version_run(cfg.registered_model, version)
+    # A byte-identical model adds no version: the record names the version, of an earlier
+    # run, that already holds these bytes (the register stage compared their digests).
+    same_bytes = registration.get("same_bytes_as") is not None
+    if holder is None or (holder != run_id and not same_bytes):
         return Missing("register", f"{cfg.registered_model} version {version} of run {run_id} "
                                    f"is not in the registry of {uri}")
     return None
