@@ -45,8 +45,16 @@ from urllib.parse import urlsplit
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import atomic_write
-from pipeline.support import (champion_ledger, config, model_card, model_integrity, model_loader,
-                              promotion_gate, store, tracking)
+from pipeline.support import (
+    champion_ledger,
+    config,
+    model_card,
+    model_integrity,
+    model_loader,
+    promotion_gate,
+    store,
+    tracking,
+)
 from pipeline.support.locks import advisory_lock, exclusive_lock
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration_file import describe, registration_from_record

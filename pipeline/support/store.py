@@ -289,7 +289,12 @@ def declare_training(experiment) -> None:  # noqa: ANN001 - mlflow.entities.Expe
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
                                           TRAINING_KIND)
     except MlflowException as exc:
-        if exc.error_code != "PERMISSION_DENIED":
+        if exc.error_code == "PERMISSION_DENIED":
+            return
+        # Two processes tagging at once: MLflow's SQL store inserts the tag without an upsert,
+        # so the second insert breaks the unique key. The tag is there: that is all we need.
+        tagged = MlflowClient().get_experiment(experiment.experiment_id).tags
+        if tagged.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
             raise
 
 
