@@ -86,9 +86,10 @@ def test_a_second_clone_pulls_and_has_nothing_to_redo(
         [str(BIN / "python"), "-c", "import pipeline; print(pipeline.__file__)"], cwd="/",
         capture_output=True, text=True, check=True)
     assert Path(imported.stdout.strip()).is_relative_to(REPO_ROOT), imported.stdout
-    before = {run.info.run_id for run in runs(team)}  # other team tests may have added runs
-    assert a.json("models/run.json")["run_id"] in before
-    assert all(run.info.status == "FINISHED" for run in runs(team))
+    # Other team tests may have added runs, some FAILED on purpose (a server killed mid-stage).
+    status = {run.info.run_id: run.info.status for run in runs(team)}
+    before = set(status)
+    assert status[a.json("models/run.json")["run_id"]] == "FINISHED"
     pulled = make(b, "pull")
     assert f"DVC_REMOTE_URL={team.env['DVC_REMOTE_URL']}" in pulled.stdout
     repro = b.dvc("repro")
