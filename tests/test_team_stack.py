@@ -12,6 +12,7 @@ import urllib.request
 from base64 import b64encode
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.repo_copy import BIN, MAKE, Repo, make_repo
@@ -162,6 +163,8 @@ def offline_repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     base = tmp_path_factory.mktemp("offline")
     repo = make_repo(base / "repo", base / "mirror")
     repo.env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"
+    # The image `predict` is given in DOWN_COMMANDS, for every test of the module in any order.
+    np.save(repo.root / "x.npy", np.zeros((1, 28, 28), dtype=np.uint8))
     return repo
 
 
@@ -180,9 +183,6 @@ DOWN_COMMANDS = {
 @pytest.mark.parametrize("command", list(DOWN_COMMANDS))
 def test_a_server_that_is_down_fails_every_command_at_once(
         offline_repo: Repo, command: str) -> None:
-    import numpy as np
-
-    np.save(offline_repo.root / "x.npy", np.zeros((1, 28, 28), dtype=np.uint8))
     # MLflow's own retries would take minutes: past 60 s the command fails the test (a guard
     # against hanging, not a timing; the README's seconds were measured by hand).
     result = offline_repo.run(*DOWN_COMMANDS[command], check=False, timeout=60)
