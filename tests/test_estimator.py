@@ -94,6 +94,49 @@ def test_gradient_kernel_works_in_float32():
     assert grad_coef.dtype == np.float32 and grad_intercept.dtype == np.float32
 
 
+@pytest.mark.parametrize("n_samples", [31, 32, 64, 65, 100, 131])
+def test_gradients_of_blocked_products_match_the_plain_products(n_samples):
+    """The kernel multiplies in blocks of rows (and a remainder) within each batch half;
+    whatever the batch size, its loss and gradients are those of one plain product."""
+    rng = np.random.default_rng(n_samples)
+    X = rng.normal(size=(n_samples, 9))
+    labels = rng.integers(4, size=n_samples)
+    coef, intercept = rng.normal(size=(4, 9)), rng.normal(size=4)
+    loss, grad_coef, grad_intercept = loss_and_gradients(coef, intercept, X, labels)
+
+    logits = X @ coef.T + intercept
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities[np.arange(n_samples), labels] -= 1.0
+    assert loss == pytest.approx(cross_entropy(logits, labels), rel=1e-12)
+    np.testing.assert_allclose(grad_coef, probabilities.T @ X / n_samples, rtol=1e-10,
+                               atol=1e-14)
+    np.testing.assert_allclose(grad_intercept, probabilities.sum(axis=0) / n_samples,
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_folded_scaling_trains_on_unscaled_features_with_the_scaled_weights():
+    """Logits and gradients from unscaled features through the folded weights are those of the
+    standardised features with the weights themselves."""
+    rng = np.random.default_rng(5)
+    X = rng.random((80, 12)).astype(np.float32)
+    labels = rng.integers(3, size=80)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0) + np.float32(0.1)
+    coef = rng.normal(size=(3, 12)).astype(np.float32)
+    intercept = rng.normal(size=3).astype(np.float32)
+    fold = estimator._FoldedScaling(mean, scale, 3)
+
+    scaled_loss, scaled_grad_coef, scaled_grad_intercept = loss_and_gradients(
+        coef, intercept, (X - mean) / scale, labels)
+    unscaled_loss, grad_coef, grad_intercept = loss_and_gradients(
+        *fold.weights(coef, intercept), X, labels)
+    fold.gradients(grad_coef, grad_intercept)
+    assert unscaled_loss == pytest.approx(scaled_loss, rel=1e-5)
+    np.testing.assert_allclose(grad_coef, scaled_grad_coef, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grad_intercept, scaled_grad_intercept, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- training
 
 
@@ -188,6 +231,27 @@ def test_pixel_features_learn_their_statistics_without_building_the_features():
     assert peak < feature_bytes / 4
     as_floats = preprocessing.transform_pixels(X, "power", 0.25, 2).astype(np.float64)
     np.testing.assert_allclose(fitted.mean_, as_floats.mean(axis=0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("as_floats", [False, True])
+def test_features_and_statistics_in_one_pass_match_the_separate_steps(as_floats):
+    """The one pass the estimator makes gives the rows asked for, in their order, unscaled, and
+    the statistics PixelFeatures.fit learns, to the bit."""
+    X = np.random.default_rng(2).integers(0, 256, (2500, 30), dtype=np.uint8)
+    X[:, 3] = 7  # a constant pixel: std floored
+    rows = np.random.default_rng(3).permutation(2500)
+    data = X.astype(np.float64) + (0.5 if as_floats else 0.0)
+    features, mean, scale = preprocessing.features_and_statistics(data, "power", 0.3, 2, rows)
+    np.testing.assert_array_equal(features,
+                                  preprocessing.transform_pixels(data[rows], "power", 0.3, 2))
+    expected_mean, expected_scale = preprocessing.feature_statistics(data, "power", 0.3, 2)
+    if as_floats:  # summed from the features rather than counted: the same to rounding
+        np.testing.assert_allclose(mean, expected_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(scale, expected_scale, rtol=1e-5)
+    else:
+        assert mean.tobytes() == expected_mean.tobytes()
+        assert scale.tobytes() == expected_scale.tobytes()
+    assert scale[9] == np.float32(preprocessing.STD_FLOOR)  # pixel 3's power feature
 
 
 @pytest.mark.parametrize("hinges", [0, 2])

@@ -57,6 +57,13 @@ class TrainingDivergedError(PipelineError, ValueError):
     """The training loss became NaN or infinite; the message names the hyperparameter to lower."""
 
 
+# Rows per product inside a batch half. OpenBLAS (0.3.31, SkylakeX) multiplies a 10 x 32 by
+# 32 x 2352 block with its small-matrix kernel (m*n*k under 1e6), about twice as fast per row
+# as one 256-row product, and each block's rows stay in cache from the forward to the backward
+# product (benchmarks/bench_softmax.py, docs/performance.md).
+_BLOCK_ROWS = 32
+
+
 def loss_and_gradients(
     coef: np.ndarray, intercept: np.ndarray, X: np.ndarray, labels: np.ndarray, l2: float = 0.0
 ) -> tuple[float, np.ndarray, np.ndarray]:
@@ -73,7 +80,8 @@ def loss_and_gradients(
     kernel = _BatchGradients(coef.shape[0], coef.shape[1], X.shape[0], dtype)
     grad_coef = np.empty_like(coef)
     grad_intercept = np.empty_like(intercept)
-    data_loss, _ = kernel(coef, intercept, X, np.asarray(labels), l2, grad_coef, grad_intercept)
+    data_loss, _ = kernel(coef, intercept, X, np.asarray(labels), grad_coef, grad_intercept)
+    grad_coef += grad_coef.dtype.type(l2) * coef
     penalty = 0.5 * l2 * float(np.square(coef, dtype=np.float64).sum())
     return data_loss + penalty, grad_coef, grad_intercept
 
@@ -85,6 +93,7 @@ def _half_forward_backward(
     labels: np.ndarray,
     batch_size: int,
     logits: np.ndarray,
+    partial_grads: np.ndarray,
     grad_coef: np.ndarray,
     grad_intercept: np.ndarray,
 ) -> tuple[float, int]:
@@ -93,9 +102,22 @@ def _half_forward_backward(
 
     Logits are kept as (n_classes, n_samples) so the per-sample reductions run across 10
     contiguous rows instead of along 10-element rows, which numpy does several times faster.
+    The products run in blocks of `_BLOCK_ROWS` rows as one stacked matmul each way: one call
+    (and one release of the GIL) for all the blocks, so the other half's thread is not held up.
+    The blocks' gradients are summed in block order, the same bits on any thread.
     """
-    columns = np.arange(X.shape[0])
-    np.matmul(coef, X.T, out=logits)
+    n_classes, n_samples = logits.shape
+    n_blocks = n_samples // _BLOCK_ROWS
+    blocked = n_blocks * _BLOCK_ROWS
+    X_blocks = X[:blocked].reshape(n_blocks, _BLOCK_ROWS, X.shape[1])
+    # (block, class, row) views of the logits: writing them fills `logits` in place.
+    logit_blocks = logits[:, :blocked].reshape(n_classes, n_blocks, _BLOCK_ROWS).transpose(1, 0, 2)
+    if n_blocks:
+        np.matmul(coef, X_blocks.transpose(0, 2, 1), out=logit_blocks)
+    if blocked < n_samples:
+        np.matmul(coef, X[blocked:].T, out=logits[:, blocked:])
+
+    columns = np.arange(n_samples)
     logits += intercept[:, None]
     n_correct = int(np.count_nonzero(logits.argmax(axis=0) == labels))
     logits -= logits.max(axis=0)
@@ -108,13 +130,20 @@ def _half_forward_backward(
     logits /= normalisers  # now probabilities
     logits[labels, columns] -= 1.0  # now n_samples * d(loss)/d(logits)
     logits *= logits.dtype.type(1.0 / batch_size)
-    np.matmul(logits, X, out=grad_coef)
+
+    if n_blocks:
+        np.matmul(logit_blocks, X_blocks, out=partial_grads[:n_blocks])
+    n_partials = n_blocks
+    if blocked < n_samples:
+        np.matmul(logits[:, blocked:], X[blocked:], out=partial_grads[n_blocks])
+        n_partials += 1
+    np.sum(partial_grads[:n_partials], axis=0, out=grad_coef)
     np.sum(logits, axis=1, out=grad_intercept)
     return loss_sum, n_correct
 
 
 class _BatchGradients:
-    """Mean cross-entropy, correct count and gradients of a mini-batch, as two fixed halves.
+    """Mean cross-entropy, correct count and data gradients of a mini-batch, as two fixed halves.
 
     The halves' gradients are added in a fixed order, so the result is the same bits whether
     the second half runs on a helper thread (numpy releases the GIL in the products) or after
@@ -127,7 +156,10 @@ class _BatchGradients:
     def __init__(self, n_classes: int, n_features: int, batch_size: int, dtype,
                  parallel: bool = False):
         half = (batch_size + 1) // 2
+        n_partials = half // _BLOCK_ROWS + 1
         self.logits = [np.empty(n_classes * half, dtype=dtype) for _ in range(2)]
+        self.partial_grads = [np.empty((n_partials, n_classes, n_features), dtype=dtype)
+                              for _ in range(2)]
         self.grad_coefs = [np.empty((n_classes, n_features), dtype=dtype) for _ in range(2)]
         self.grad_intercepts = [np.empty(n_classes, dtype=dtype) for _ in range(2)]
         self.helper = ThreadPoolExecutor(1) if parallel and spare_core() else None
@@ -140,9 +172,10 @@ class _BatchGradients:
         n_classes = coef.shape[0]
         logits = self.logits[which][: n_classes * X.shape[0]].reshape(n_classes, X.shape[0])
         return _half_forward_backward(coef, intercept, X, labels, batch_size, logits,
-                                      self.grad_coefs[which], self.grad_intercepts[which])
+                                      self.partial_grads[which], self.grad_coefs[which],
+                                      self.grad_intercepts[which])
 
-    def __call__(self, coef, intercept, X, labels, l2: float, grad_coef,
+    def __call__(self, coef, intercept, X, labels, grad_coef,
                  grad_intercept) -> tuple[float, int]:
         size = X.shape[0]
         middle = (size + 1) // 2
@@ -162,9 +195,36 @@ class _BatchGradients:
             loss_sum, n_correct = loss_first + loss_second, correct_first + correct_second
             np.add(self.grad_coefs[0], self.grad_coefs[1], out=grad_coef)
             np.add(self.grad_intercepts[0], self.grad_intercepts[1], out=grad_intercept)
-        if l2:
-            grad_coef += grad_coef.dtype.type(l2) * coef
         return loss_sum / size, n_correct
+
+
+class _FoldedScaling:
+    """Standardisation folded into the weights, so training reads unscaled features.
+
+    With z = (x - mean) / scale, the logits W z + b are (W / scale) x + (b - (W / scale) mean),
+    and the gradient on W is (G' x - (G' 1) mean) / scale. A few operations on the 10 x 2352
+    weights per batch replace a table of scaled values per pixel when the features are built
+    (docs/performance.md). The weights trained and kept are those of the scaled features.
+    """
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, n_classes: int):
+        self.mean = mean
+        self.inverse_scale = np.float32(1.0) / scale
+        self.coef = np.empty((n_classes, mean.shape[0]), dtype=np.float32)
+        self.intercept = np.empty(n_classes, dtype=np.float32)
+        self.correction = np.empty_like(self.coef)
+
+    def weights(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The weights on unscaled features that give the same logits as (coef, intercept)."""
+        np.multiply(coef, self.inverse_scale, out=self.coef)
+        np.subtract(intercept, self.coef @ self.mean, out=self.intercept)
+        return self.coef, self.intercept
+
+    def gradients(self, grad_coef: np.ndarray, grad_intercept: np.ndarray) -> None:
+        """In place: gradients on the unscaled weights to those on the scaled ones."""
+        np.multiply(grad_intercept[:, None], self.mean, out=self.correction)
+        grad_coef -= self.correction
+        grad_coef *= self.inverse_scale
 
 
 class _SGD:
@@ -455,14 +515,16 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
             X_val, y_val_encoded = X[order[:n_val]], y_encoded[order[:n_val]]
             X, y_encoded = X[order[n_val:]], y_encoded[order[n_val:]]
 
-        # Shuffled once, as uint8 pixels (a twelfth of the bytes of the features): each epoch
-        # then visits contiguous batches of these rows in a new order, and the products read
-        # the features where they lie instead of gathering 4.8 MB for every batch.
+        # Shuffled once, as the features are built: each epoch then visits contiguous batches
+        # of these rows in a new order, and the products read the features where they lie
+        # instead of gathering 4.8 MB for every batch. The features stay unscaled: training
+        # folds the scaling into the weights (`_FoldedScaling`).
         order = rng.permutation(X.shape[0])
-        self.features_ = self._pixel_features().fit(X)
-        X_train, y_encoded = self.features_.transform(X[order]), y_encoded[order]
+        self.features_ = self._pixel_features()
+        X_train = self.features_.fit_transform_unscaled(X, order)
+        y_encoded = y_encoded[order]
         if X_val is not None:
-            X_val = self.features_.transform(X_val)
+            X_val = transform_pixels(X_val, self.pixel_transform, self.power, self.hinges)
 
         # Overflow warnings are silenced: a non-finite loss is detected and reported as
         # TrainingDivergedError instead.
@@ -500,19 +562,25 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
         else:
             optimizer = _SGD(params, self.momentum, self.nesterov)
         kernel = _BatchGradients(n_classes, n_features, batch_size, np.float32, parallel=True)
+        fold = (None if self.features_.mean_ is None
+                else _FoldedScaling(self.features_.mean_, self.features_.scale_, n_classes))
         try:
-            return self._epochs(X, y, X_val, y_val, rng, callback, kernel, params, grads,
+            return self._epochs(X, y, X_val, y_val, rng, callback, kernel, fold, params, grads,
                                 optimizer, learning_rate_at)
         finally:
             kernel.close()
 
-    def _epochs(self, X, y, X_val, y_val, rng, callback, kernel, params, grads, optimizer,
-                learning_rate_at):
+    def _epochs(self, X, y, X_val, y_val, rng, callback, kernel, fold, params, grads,
+                optimizer, learning_rate_at):
         n_samples = X.shape[0]
         batch_size = min(self.batch_size, n_samples)
         n_steps_per_epoch = math.ceil(n_samples / batch_size)
         coef, intercept = params
         grad_coef, grad_intercept = grads
+        l2 = grad_coef.dtype.type(self.l2)
+
+        def unscaled_weights():
+            return (coef, intercept) if fold is None else fold.weights(coef, intercept)
 
         history = []
         best_val_loss, best_epoch, best_params = math.inf, 0, None
@@ -526,9 +594,12 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
                 start = batch * batch_size
                 stop = min(start + batch_size, n_samples)
                 size = stop - start
-                batch_loss, batch_correct = kernel(coef, intercept, X[start:stop],
-                                                   y[start:stop], self.l2, grad_coef,
-                                                   grad_intercept)
+                batch_loss, batch_correct = kernel(*unscaled_weights(), X[start:stop],
+                                                   y[start:stop], grad_coef, grad_intercept)
+                if fold is not None:
+                    fold.gradients(grad_coef, grad_intercept)
+                if l2:
+                    grad_coef += l2 * coef
                 if not math.isfinite(batch_loss):
                     self._raise_diverged(epoch, batch_loss)
                 loss_sum += batch_loss * size
@@ -540,7 +611,7 @@ class SoftmaxRegression(ClassifierMixin, BaseEstimator):
 
             val_loss = val_accuracy = None
             if X_val is not None:
-                val_loss, val_accuracy = _evaluate(coef, intercept, X_val, y_val)
+                val_loss, val_accuracy = _evaluate(*unscaled_weights(), X_val, y_val)
                 if not math.isfinite(val_loss):
                     self._raise_diverged(epoch, val_loss)
             record = {

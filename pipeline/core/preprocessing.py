@@ -188,6 +188,51 @@ def _pixel_value_indices(pixels: np.ndarray) -> np.ndarray:
     return indices
 
 
+def _statistics_from_counts(counts: np.ndarray, n_samples: int, transform: str | None,
+                            power: float, hinges: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and variance of each feature from how often each value occurs at each pixel
+    (`counts`, n_pixels * 256). Elementwise products and numpy sums, not BLAS: their rounding
+    never depends on threads."""
+    n_pixels = counts.size // 256
+    weights = counts.reshape(n_pixels, 256, 1) / n_samples
+    values = _value_table(transform, power, hinges).astype(np.float64)
+    mean = (weights * values).sum(axis=1)
+    variance = (weights * np.square(values - mean[:, None, :])).sum(axis=1)
+    return mean.ravel(), variance.ravel()
+
+
+class _Moments:
+    """float64 sums of float32 feature chunks, shifted by the first row to keep
+    E[d^2] - E[d]^2 accurate for features far from zero."""
+
+    def __init__(self, n_features: int, chunk_rows: int):
+        self.buffer = np.empty((chunk_rows, n_features), dtype=np.float32)
+        self.shift = None
+        self.n_samples = 0
+        self.sums = np.zeros(n_features, dtype=np.float64)
+        self.sums_of_squares = np.zeros(n_features, dtype=np.float64)
+
+    def add(self, chunk: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift = chunk[0].copy()
+        deviations = self.buffer[: chunk.shape[0]]
+        np.subtract(chunk, self.shift, out=deviations)
+        self.sums += deviations.sum(axis=0, dtype=np.float64)
+        deviations *= deviations
+        self.sums_of_squares += deviations.sum(axis=0, dtype=np.float64)
+        self.n_samples += chunk.shape[0]
+
+    def mean_and_variance(self) -> tuple[np.ndarray, np.ndarray]:
+        mean_deviation = self.sums / self.n_samples
+        variance = np.maximum(self.sums_of_squares / self.n_samples - mean_deviation**2, 0.0)
+        return self.shift + mean_deviation, variance
+
+
+def _mean_and_scale(mean: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (mean.astype(np.float32),
+            np.maximum(np.sqrt(variance), STD_FLOOR).astype(np.float32))
+
+
 def feature_statistics(
     X: np.ndarray, transform: str | None, power: float = 0.5, hinges: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +241,7 @@ def feature_statistics(
     For pixels (uint8, or whole-number floats 0..255) each feature is a function of one pixel's
     value, so the statistics come exactly from how often each value occurs at each pixel: a
     count over the uint8 images (a twelfth of the bytes of the float32 features), then float64
-    sums over 256 values. Other inputs are transformed chunk by chunk and summed in float64,
-    shifted by the first row to keep E[d^2] - E[d]^2 accurate for features far from zero.
+    sums over 256 values. Other inputs are transformed chunk by chunk and summed in float64.
     """
     _check_transform(transform)
     n_samples, n_pixels = X.shape
@@ -210,32 +254,54 @@ def feature_statistics(
             n_samples,
         ):
             counts += chunk_counts  # integer sums: the same in any order
-        # Elementwise products and numpy sums, not BLAS: their rounding never depends on threads.
-        weights = (counts.reshape(n_pixels, 256, 1) / n_samples)
-        values = _value_table(transform, power, hinges).astype(np.float64)
-        mean = (weights * values).sum(axis=1)
-        variance = (weights * np.square(values - mean[:, None, :])).sum(axis=1)
-        mean, variance = mean.ravel(), variance.ravel()
-    else:
-        n_features = n_output_features(n_pixels, hinges)
-        buffer = np.empty((min(CHUNK_ROWS, n_samples), n_features), dtype=np.float32)
-        shift = None
-        sums = np.zeros(n_features, dtype=np.float64)
-        sums_of_squares = np.zeros(n_features, dtype=np.float64)
+        return _mean_and_scale(*_statistics_from_counts(counts, n_samples, transform, power,
+                                                        hinges))
+    n_features = n_output_features(n_pixels, hinges)
+    moments = _Moments(n_features, min(CHUNK_ROWS, n_samples))
+    chunk = np.empty((min(CHUNK_ROWS, n_samples), n_features), dtype=np.float32)
+    for start, stop in row_chunks(n_samples):
+        _transform_chunk(X[start:stop], chunk[: stop - start], transform, power, hinges)
+        moments.add(chunk[: stop - start])
+    return _mean_and_scale(*moments.mean_and_variance())
+
+
+def features_and_statistics(
+    X: np.ndarray, transform: str | None, power: float, hinges: int,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unscaled features of X[rows] (of X if `rows` is None), and the mean and (floored) std
+    of each feature over X, from one pass over X.
+
+    For pixels, each chunk's values serve twice while they are in cache: a gather from the
+    256-value table (3 KB, where the table of standardised values per pixel is 2.4 MB) and the
+    count that gives the statistics (`feature_statistics`, the same bits). The rows are taken
+    chunk by chunk, so a shuffled order costs no copy of X.
+    """
+    _check_transform(transform)
+    n_samples, n_pixels = X.shape
+    pixels = _as_pixels(X)
+    if pixels is None:
+        features = transform_pixels(X if rows is None else X[rows], transform, power, hinges)
+        moments = _Moments(features.shape[1], min(CHUNK_ROWS, n_samples))
         for start, stop in row_chunks(n_samples):
-            chunk = buffer[: stop - start]
-            _transform_chunk(X[start:stop], chunk, transform, power, hinges)
-            if shift is None:
-                shift = chunk[0].copy()
-            chunk -= shift
-            sums += chunk.sum(axis=0, dtype=np.float64)
-            chunk *= chunk
-            sums_of_squares += chunk.sum(axis=0, dtype=np.float64)
-        mean_deviation = sums / n_samples
-        variance = np.maximum(sums_of_squares / n_samples - mean_deviation**2, 0.0)
-        mean = shift + mean_deviation
-    return (mean.astype(np.float32),
-            np.maximum(np.sqrt(variance), STD_FLOOR).astype(np.float32))
+            moments.add(features[start:stop])
+        return (features, *_mean_and_scale(*moments.mean_and_variance()))
+    table = _value_table(transform, power, hinges)
+    features = np.empty((n_samples, n_output_features(n_pixels, hinges)), dtype=np.float32)
+    offsets = np.arange(n_pixels, dtype=np.intp) * 256
+
+    def fill_and_count(start: int, stop: int) -> np.ndarray:
+        chunk = pixels[start:stop] if rows is None else np.take(pixels, rows[start:stop], axis=0)
+        indices = chunk.astype(np.intp)
+        _gather(table, indices, features[start:stop])
+        indices += offsets
+        return np.bincount(indices.ravel(), minlength=n_pixels * 256)
+
+    counts = np.zeros(n_pixels * 256, dtype=np.intp)
+    for chunk_counts in _each_chunk(fill_and_count, n_samples):
+        counts += chunk_counts  # integer sums: the same in any order
+    statistics = _statistics_from_counts(counts, n_samples, transform, power, hinges)
+    return (features, *_mean_and_scale(*statistics))
 
 
 def standardised_features(
@@ -303,6 +369,22 @@ class PixelFeatures(TransformerMixin, BaseEstimator):
 
     def fit_transform(self, X, y=None, **fit_params):
         return self._features(self._fit(X))
+
+    def fit_transform_unscaled(self, X, rows: np.ndarray | None = None) -> np.ndarray:
+        """Fit, and return the features of X[rows] (of X if None) before scaling.
+
+        One pass over X for both (`features_and_statistics`). For SoftmaxRegression, which
+        folds the scaling into its weights while it trains instead of building scaled features.
+        """
+        self._validate_params()
+        X = validate_data(self, X, dtype=ACCEPTED_DTYPES, order="C")
+        if self.scaling == "minmax":
+            self.mean_ = self.scale_ = None
+            return transform_pixels(X if rows is None else X[rows], self.pixel_transform,
+                                    self.power, self.hinges)
+        features, self.mean_, self.scale_ = features_and_statistics(
+            X, self.pixel_transform, self.power, self.hinges, rows)
+        return features
 
     def _fit(self, X) -> np.ndarray:
         """Learn the statistics (a count of pixel values, not a pass over the features)."""
