@@ -96,7 +96,7 @@ def test_gradient_kernel_works_in_float32():
 
 @pytest.mark.parametrize("n_samples", [31, 32, 64, 65, 100, 131])
 def test_gradients_of_blocked_products_match_the_plain_products(n_samples):
-    """The kernel multiplies in blocks of rows (and a remainder) within each batch half;
+    """The kernel multiplies in blocks of rows (and a remainder) within each part of a batch;
     whatever the batch size, its loss and gradients are those of one plain product."""
     rng = np.random.default_rng(n_samples)
     X = rng.normal(size=(n_samples, 9))

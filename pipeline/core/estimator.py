@@ -57,7 +57,7 @@ class TrainingDivergedError(PipelineError, ValueError):
     """The training loss became NaN or infinite; the message names the hyperparameter to lower."""
 
 
-# Rows per product inside a batch half. OpenBLAS (0.3.31, SkylakeX) multiplies a 10 x 32 by
+# Rows per product inside a batch part. OpenBLAS (0.3.31, SkylakeX) multiplies a 10 x 32 by
 # 32 x 2352 block with its small-matrix kernel (m*n*k under 1e6), about twice as fast per row
 # as one 256-row product, and each block's rows stay in cache from the forward to the backward
 # product (benchmarks/bench_softmax.py, docs/performance.md).
@@ -86,7 +86,7 @@ def loss_and_gradients(
     return data_loss + penalty, grad_coef, grad_intercept
 
 
-def _half_forward_backward(
+def _part_forward_backward(
     coef: np.ndarray,
     intercept: np.ndarray,
     X: np.ndarray,
@@ -97,13 +97,13 @@ def _half_forward_backward(
     grad_coef: np.ndarray,
     grad_intercept: np.ndarray,
 ) -> tuple[float, int]:
-    """One half of a batch: its part of the gradients in place; its summed cross-entropy and
+    """One part of a batch: its share of the gradients in place; its summed cross-entropy and
     correct count.
 
     Logits are kept as (n_classes, n_samples) so the per-sample reductions run across 10
     contiguous rows instead of along 10-element rows, which numpy does several times faster.
     The products run in blocks of `_BLOCK_ROWS` rows as one stacked matmul each way: one call
-    (and one release of the GIL) for all the blocks, so the other half's thread is not held up.
+    (and one release of the GIL) for all the blocks, so the other part's thread is not held up.
     The blocks' gradients are summed in block order, the same bits on any thread.
     """
     n_classes, n_samples = logits.shape
@@ -142,22 +142,35 @@ def _half_forward_backward(
     return loss_sum, n_correct
 
 
-class _BatchGradients:
-    """Mean cross-entropy, correct count and data gradients of a mini-batch, as two fixed halves.
+def _first_part(size: int) -> int:
+    """Rows of a batch for the calling thread; the helper takes the rest.
 
-    The halves' gradients are added in a fixed order, so the result is the same bits whether
-    the second half runs on a helper thread (numpy releases the GIL in the products) or after
+    About 7/16 at a block boundary, not half: the caller also runs the optimizer between
+    batches, and the two threads then reach their softmax (many small numpy calls, each taking
+    the GIL) at different times. Measured on the default fit: 5 epochs 0.555-0.574 s against
+    0.589-0.634 s with 8 blocks each. A fixed function of the size: the bits never depend on
+    the threads.
+    """
+    first = size * 7 // 16 // _BLOCK_ROWS * _BLOCK_ROWS
+    return first or (size + 1) // 2
+
+
+class _BatchGradients:
+    """Mean cross-entropy, correct count and data gradients of a mini-batch, in two fixed parts.
+
+    The parts' gradients are added in a fixed order, so the result is the same bits whether
+    the second part runs on a helper thread (numpy releases the GIL in the products) or after
     the first. That keeps BLAS at one thread, deterministic, and still uses two cores: each
-    half is a one-thread product on its own core, and only one hand-over per batch is needed.
-    Without an idle second core (or with `parallel=False`) both halves run in the calling
+    part is a one-thread product on its own core, and only one hand-over per batch is needed.
+    Without an idle second core (or with `parallel=False`) both parts run in the calling
     thread.
     """
 
     def __init__(self, n_classes: int, n_features: int, batch_size: int, dtype,
                  parallel: bool = False):
-        half = (batch_size + 1) // 2
-        n_partials = half // _BLOCK_ROWS + 1
-        self.logits = [np.empty(n_classes * half, dtype=dtype) for _ in range(2)]
+        # Either part of a smaller last batch can be larger than that part of a full one.
+        n_partials = batch_size // _BLOCK_ROWS + 1
+        self.logits = [np.empty(n_classes * batch_size, dtype=dtype) for _ in range(2)]
         self.partial_grads = [np.empty((n_partials, n_classes, n_features), dtype=dtype)
                               for _ in range(2)]
         self.grad_coefs = [np.empty((n_classes, n_features), dtype=dtype) for _ in range(2)]
@@ -168,30 +181,30 @@ class _BatchGradients:
         if self.helper is not None:
             self.helper.shutdown()
 
-    def _half(self, which: int, coef, intercept, X, labels, batch_size: int):
+    def _part(self, which: int, coef, intercept, X, labels, batch_size: int):
         n_classes = coef.shape[0]
         logits = self.logits[which][: n_classes * X.shape[0]].reshape(n_classes, X.shape[0])
-        return _half_forward_backward(coef, intercept, X, labels, batch_size, logits,
+        return _part_forward_backward(coef, intercept, X, labels, batch_size, logits,
                                       self.partial_grads[which], self.grad_coefs[which],
                                       self.grad_intercepts[which])
 
     def __call__(self, coef, intercept, X, labels, grad_coef,
                  grad_intercept) -> tuple[float, int]:
         size = X.shape[0]
-        middle = (size + 1) // 2
-        if middle == size:  # one sample: no second half
-            loss_sum, n_correct = self._half(0, coef, intercept, X, labels, size)
+        middle = _first_part(size)
+        if middle == size:  # one sample: no second part
+            loss_sum, n_correct = self._part(0, coef, intercept, X, labels, size)
             grad_coef[...] = self.grad_coefs[0]
             grad_intercept[...] = self.grad_intercepts[0]
         else:
             second = (1, coef, intercept, X[middle:], labels[middle:], size)
             # In a copy of the caller's context: numpy's error state (np.errstate) lives there.
-            pending = (self.helper.submit(contextvars.copy_context().run, self._half, *second)
+            pending = (self.helper.submit(contextvars.copy_context().run, self._part, *second)
                        if self.helper else None)
-            loss_first, correct_first = self._half(0, coef, intercept, X[:middle],
+            loss_first, correct_first = self._part(0, coef, intercept, X[:middle],
                                                    labels[:middle], size)
             loss_second, correct_second = (pending.result() if pending
-                                           else self._half(*second))
+                                           else self._part(*second))
             loss_sum, n_correct = loss_first + loss_second, correct_first + correct_second
             np.add(self.grad_coefs[0], self.grad_coefs[1], out=grad_coef)
             np.add(self.grad_intercepts[0], self.grad_intercepts[1], out=grad_intercept)
