@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds, test_accuracy, note in rows:
         shown = f"{test_accuracy:.4f}" if test_accuracy is not None else ""
         print(f"{name:<52} {seconds:>7.2f} {seconds / floor:>8.2f} {shown:>8}  {note}")
-    print(f"best of {args.repeats} rounds (floors and fit in turn); all seconds:")
+    print(f"best of {args.repeats} rounds (floors and two fits in turn); all seconds:")
     named = [(f"floor {orientation}, {threads}", seconds)
              for (orientation, threads), seconds in floors.items()]
     for name, values in [*named, ("blocks", blocked), ("first fit", first_fits),
