@@ -109,6 +109,24 @@ def test_a_target_that_fails_the_model_check_is_refused_before_the_alias_moves(
     assert missing.stderr == f"rollback: error: registered model {name} has no version '7'\n"
 
 
+def test_a_rollback_to_a_version_without_a_digest_says_so_once(
+        name: str, tmp_path: Path) -> None:
+    """A version registered before digests were recorded can still become champion again; the
+    notice that its bytes cannot be verified is printed once, not once per check."""
+    from mlflow.tracking import MlflowClient
+
+    register(name, *evaluated_run(0.80, loadable=True), tmp_path / "a")
+    register(name, *evaluated_run(0.85, loadable=True), tmp_path / "b")
+    MlflowClient().delete_model_version_tag(name, "1", "model_sha256")
+    params = params_for_model(tmp_path / "params.yaml", name)
+
+    back = command("rollback", params)
+
+    assert back.returncode == 0, back.stderr
+    assert champion_version(name) == "1"
+    assert back.stderr.count("has no model_sha256 tag") == 1, back.stderr
+
+
 def test_history_of_a_model_never_promoted_says_so(name: str, tmp_path: Path) -> None:
     params = params_for_model(tmp_path / "params.yaml", name)
     shown = command("champion_history", params)

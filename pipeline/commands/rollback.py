@@ -26,10 +26,10 @@ class RollbackError(PipelineError, ValueError):
 
 def verify_version(name: str, version: str, mlflow_cfg: config.MlflowConfig) -> None:
     """The target's bytes must be the ones registered (the SHA-256 recorded at registration)
-    and load as a model this pipeline trusts (skops, trusted types) before it becomes champion."""
+    and load as a model this pipeline trusts (skops, trusted types) before it becomes champion:
+    loading a registered version checks both, and says once if it has no digest to check."""
     from pipeline.support import model_loader
 
-    model_loader.verify_version_bytes(name, version, mlflow_cfg)
     model_loader.load_model(f"models:/{name}/{version}", mlflow_cfg)
 
 

@@ -520,30 +520,6 @@ def load_served(resolved: ResolvedModel) -> Any:
     return load_served_model(resolved.uri, resolved.tracking_uri, integrity_check(resolved))
 
 
-def verify_version_bytes(name: str, version: str, mlflow_cfg: config.MlflowConfig) -> str:
-    """Check version `version` of `name` as loading would (for a command that moves an alias
-    to it, such as a rollback): its digest, or ModelError / ModelIntegrityError in one line."""
-    resolved = resolve_model(f"models:/{name}/{version}", mlflow_cfg)
-    if not resolved.registered:  # a URI MLflow resolves: read the version's tag through it
-        raise ModelError(f"models:/{name}/{version} could not be pinned to a version")
-    try:
-        if resolved.files is not None:
-            import yaml
-
-            try:
-                meta = yaml.safe_load(resolved.files("MLmodel", MAX_MLMODEL_BYTES))
-            except yaml.YAMLError as exc:
-                raise ModelFileError(f"{resolved.uri}: {mlmodel_yaml_problem(exc)}") from None
-            flavors = meta.get("flavors") if isinstance(meta, dict) else None
-            file = trusted_model_file(resolved.uri, flavors if isinstance(flavors, dict) else {})
-            data = resolved.files(file, MAX_MODEL_BYTES)
-        else:
-            data = _model_uri_bytes(resolved.uri, resolved.tracking_uri)[0]
-    except (ModelFileError, registry_reader.RegistryError) as exc:
-        raise ModelError(resolved.explain(str(exc))) from None
-    return verify_bytes(data, resolved.expected_sha256, resolved.description)
-
-
 def load_served_model(uri: str, tracking_uri: str | None = None,
                       check: BytesCheck | None = None) -> Any:
     """MLflow's PyFuncModel for `uri`, after checking its MLmodel names our skops model (and,
