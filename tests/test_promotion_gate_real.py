@@ -99,6 +99,10 @@ def test_the_gate_on_the_real_test_set(project: Path) -> None:
     rule = config.load(REPO_ROOT / "params.yaml").mlflow.promotion
     champion, value = current_champion(client, NAME, rule.metric)
     run_id = client.get_model_version(NAME, noise["candidate"]["version"]).run_id
+    # The evaluate stage recorded the digest of the predictions file it logged.
+    logged = project / "lr-0.01" / "reports" / "evaluation" / "test_predictions.npz"
+    assert client.get_run(run_id).data.tags[promotion_gate.PREDICTIONS_DIGEST_TAG] == (
+        promotion_gate.file_sha256(logged))
     for test in ("mcnemar", "bootstrap"):
         rule.test = test
         promotion_gate.judge(client, rule, run_id, noise["candidate"]["value"], champion, value)

@@ -147,10 +147,14 @@ def evaluated_run(test_accuracy: float, status: str = "FINISHED",
                                             pip_requirements=["scikit-learn"])
         mlflow.log_metric("test_accuracy", test_accuracy)
         if predictions:  # {}: logged by an evaluate stage from before the gate
+            from pipeline.support import promotion_gate
+
             with tempfile.TemporaryDirectory() as folder:
                 write_npz(Path(folder) / PREDICTIONS_FILE, predictions)
                 mlflow.log_artifact(str(Path(folder) / PREDICTIONS_FILE),
                                     artifact_path="evaluation")
+                mlflow.set_tag(promotion_gate.PREDICTIONS_DIGEST_TAG,
+                               promotion_gate.file_sha256(Path(folder) / PREDICTIONS_FILE))
     if status != "FINISHED":
         mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, status)
     return run.info.run_id, info.model_uri
@@ -427,6 +431,33 @@ def test_a_real_register_process_keeps_the_champion_on_noise(
         assert process.wait(timeout=120) == 0, (workdir / "stderr").read_text()
     line = (workdir / "stdout").read_text()
     assert line.startswith("register: kept champion version 1"), line
+    assert champion_version(name) == "1"
+
+
+def test_edited_champion_predictions_are_refused_and_no_alias_moves(
+        name: str, tmp_path: Path) -> None:
+    """Whoever can write to the artifact store cannot make a weak challenger win by rewriting
+    the champion's per-image predictions: the file must hash to what its run recorded."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.core.files import write_npz
+    from pipeline.core.paired_tests import PredictionsFileError
+    from pipeline.support import promotion_gate
+
+    register(name, *evaluated_run(0.85), tmp_path / "champion")
+    champion_run = MlflowClient().get_model_version(name, "1").run_id
+    stored = Path(mlflow.get_run(champion_run).info.artifact_uri.removeprefix("file://"),
+                  promotion_gate.ARTIFACT_PATH)
+    recorded = MlflowClient().get_run(champion_run).data.tags[
+        promotion_gate.PREDICTIONS_DIGEST_TAG]
+    write_npz(stored, prediction_arrays(first_correct(0.10)))  # the champion made to look bad
+
+    with pytest.raises(PredictionsFileError) as refused:
+        register(name, *evaluated_run(0.86), tmp_path / "weak")
+    message = str(refused.value)
+    assert f"run {champion_run} {promotion_gate.ARTIFACT_PATH} has SHA-256 " in message
+    assert f"but the run recorded {recorded}" in message and "\n" not in message
     assert champion_version(name) == "1"
 
 

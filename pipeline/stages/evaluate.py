@@ -5,7 +5,8 @@ Usage: python -m pipeline.stages.evaluate [--params params.yaml]
 Writes the DVC metrics file, one prediction table per split for DVC's confusion-matrix plot, and
 figures and tables under reports/; logs all of them to the pipeline's MLflow run. The test
 predictions are also kept per image with the test set's digest (evaluation/test_predictions.npz),
-for the register stage's promotion gate.
+for the register stage's promotion gate, and the file's SHA-256 as the run's tag
+`test_predictions_sha256`.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
     import mlflow
 
     from pipeline.core.metrics import evaluate_predictions
-    from pipeline.support import model_loader
+    from pipeline.support import model_loader, promotion_gate
 
     model = model_loader.load(out.model)
     class_names = list(cfg.data.class_names)
@@ -106,6 +107,9 @@ def run(cfg: config.Config, out: Outputs, run_id: str) -> dict[str, dict[str, fl
             mlflow.log_metrics({f"{split}_{k}": v for k, v in evaluation.scalars.items()})
             record_split(split, evaluation, X, y, proba, class_names, out)
         mlflow.log_artifacts(str(out.evaluation), artifact_path="evaluation")
+        # What the promotion gate of a later run checks the downloaded file against.
+        mlflow.set_tag(promotion_gate.PREDICTIONS_DIGEST_TAG,
+                       promotion_gate.file_sha256(out.evaluation / PREDICTIONS_FILE))
         tracking.log_comparable(out.evaluation)  # for the compare page
         atomic_write_text(out.evaluate_metrics, json.dumps(results, indent=2) + "\n")
     return results

@@ -3,11 +3,13 @@
 The statistics are in `pipeline.core.paired_tests` and the rule in `pipeline.core.promotion`;
 here are the reads: each run's `evaluation/test_predictions.npz`, logged by its evaluate stage,
 so the gate compares the challenger with the champion image by image without loading or
-retraining either model. Two versions scored on different test sets are never compared.
+retraining either model. Two versions scored on different test sets are never compared, and a
+predictions file whose bytes are not those its run recorded at evaluation is never read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,17 +31,34 @@ from pipeline.support.config import PromotionConfig
 ARTIFACT_DIR = "evaluation"
 ARTIFACT_PATH = f"{ARTIFACT_DIR}/{PREDICTIONS_FILE}"
 DIGEST_CHARS = 16  # of a test set's SHA-256 in messages: enough to tell two apart
+# The run tag the evaluate stage sets to the SHA-256 of the predictions file it logged.
+PREDICTIONS_DIGEST_TAG = "test_predictions_sha256"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
     """The run's per-image test predictions; None if its evaluate stage logged none (a version
-    registered before the gate)."""
+    registered before the gate).
+
+    The file must hash to the run's PREDICTIONS_DIGEST_TAG, so that whoever can write to the
+    artifact store cannot make a weak model win (or a strong one lose) by editing predictions;
+    runs evaluated before the tag existed are read as they are.
+    """
     listed = {entry.path for entry in client.list_artifacts(run_id, ARTIFACT_DIR)}
     if ARTIFACT_PATH not in listed:
         return None
+    expected = client.get_run(run_id).data.tags.get(PREDICTIONS_DIGEST_TAG)
     with tempfile.TemporaryDirectory(prefix="fmnist-gate-") as folder:
         local = model_loader.download_run_files(run_id, ARTIFACT_PATH, folder)
         name = f"run {run_id} {ARTIFACT_PATH}"
+        if expected is not None and (actual := file_sha256(Path(local))) != expected:
+            raise PredictionsFileError(
+                f"{name} has SHA-256 {actual}, but the run recorded {expected} "
+                f"({PREDICTIONS_DIGEST_TAG}) when it was evaluated: the file was replaced or "
+                "damaged, so the gate compares nothing and no alias moves")
         try:
             with np.load(Path(local), allow_pickle=False) as arrays:
                 return predictions_from_arrays(dict(arrays), name)
