@@ -443,7 +443,7 @@ def test_edited_champion_predictions_are_refused_and_no_alias_moves(
 
     from pipeline.core.files import write_npz
     from pipeline.core.paired_tests import PredictionsFileError
-    from pipeline.support import promotion_gate
+    from pipeline.support import errors, promotion_gate
 
     register(name, *evaluated_run(0.85), tmp_path / "champion")
     champion_run = MlflowClient().get_model_version(name, "1").run_id
@@ -458,6 +458,7 @@ def test_edited_champion_predictions_are_refused_and_no_alias_moves(
     message = str(refused.value)
     assert f"run {champion_run} {promotion_gate.ARTIFACT_PATH} has SHA-256 " in message
     assert f"but the run recorded {recorded}" in message and "\n" not in message
+    assert isinstance(refused.value, errors.expected())  # one line from the stage, exit 1
     assert champion_version(name) == "1"
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
+
 PROBABILITY_FLOOR = 1e-15  # as the evaluate stage clips probabilities before its log loss
 BOOTSTRAP_SEED = 0
 CHUNK = 250  # bootstrap samples weighed at once: 250 x 10,000 weights = 20 MB
@@ -147,8 +149,9 @@ def paired_bootstrap(champion: ScoredPredictions, challenger: ScoredPredictions,
 PREDICTIONS_FILE = "test_predictions.npz"
 
 
-class PredictionsFileError(ValueError):
-    """A test predictions file that does not hold what the evaluate stage writes."""
+class PredictionsFileError(PipelineError, ValueError):
+    """A test predictions file that does not hold what the evaluate stage wrote: reported in one
+    line, and the register stage fails before any alias moves."""
 
 
 def prediction_arrays(labels: np.ndarray, proba: np.ndarray, digest: str) -> dict[str, np.ndarray]:
