@@ -84,6 +84,28 @@ def _registration(candidate=("3", 0.8512), before=("2", 0.85), after=("3", 0.851
      "promoted version 3 (test_accuracy 0.8512 vs champion version 2 nan)"),
     (_registration(candidate=("1", float("nan")), before=None, after=None, promoted=False), True,
      "kept", "no champion: candidate version 1 not promoted (test_accuracy nan)"),
+    # The gate's numbers say why: noise kept, a gain promoted, test sets that differ.
+    (dataclasses.replace(_registration(candidate=("3", 0.8632), after=("2", 0.8631),
+                                       promoted=False),
+                         statistics={"test": "mcnemar", "n01": 6, "n10": 5, "p_value": 1.0,
+                                     "alpha": 0.05}), True, "kept",
+     "kept champion version 2 (test_accuracy 0.8631; candidate version 3 0.8632); gate: "
+     "McNemar n01=6 n10=5 p=1 (alpha 0.05)"),
+    (dataclasses.replace(_registration(), statistics={
+        "test": "bootstrap", "level": 0.95, "ci_low": 0.0004, "ci_high": 0.0021,
+        "samples": 1000}), True, "promoted",
+     "promoted version 3 (test_accuracy 0.8512 > champion version 2 0.8500); gate: bootstrap "
+     "95% CI of the gain [+0.0004, +0.0021] (1000 resamples)"),
+    (dataclasses.replace(_registration(candidate=("3", 0.9), after=("2", 0.85), promoted=False),
+                         statistics={"test": "mcnemar", "champion_test_digest": "ab" * 32,
+                                     "candidate_test_digest": "cd" * 32}), True, "kept",
+     "kept champion version 2 (test_accuracy 0.8500; candidate version 3 0.9000); gate: "
+     f"mcnemar: not run, test sets differ (champion {'ab' * 8}, candidate {'cd' * 8})"),
+    (dataclasses.replace(_registration(), statistics={"test": "none"}), True, "promoted",
+     "promoted version 3 (test_accuracy 0.8512 > champion version 2 0.8500)"),
+    (dataclasses.replace(_registration(), statistics={"test": "mcnemar", "n01": 9, "n10": 0,
+                                                      "p_value": 0.004, "alpha": 0.05}),
+     False, "unchanged", "nothing changed (champion version 3, test_accuracy 0.8512)"),
 ])
 def test_outcome_lines(registration: Registration, changed: bool, kind: str, line: str) -> None:
     outcome = describe(registration, changed)
@@ -385,6 +407,14 @@ def _update_yaml(path: Path, section: str | None = None, **values: Any) -> None:
     path.write_text(yaml.safe_dump(content, sort_keys=False))
 
 
+def _mcnemar(root: Path) -> str:
+    """The gate's numbers as the outcome line gives them, from the cycle's registration."""
+    stats = json.loads((root / retrain.REGISTRATION_FILE).read_text())["statistics"]
+    assert stats["test"] == "mcnemar"
+    return (f"McNemar n01={stats['n01']} n10={stats['n10']} p={stats['p_value']:.4g} "
+            f"(alpha {stats['alpha']})")
+
+
 def _log_messages(root: Path) -> list[str]:
     lines = (root / RETRAIN_LOG).read_text().splitlines()
     assert all(STAMPED.match(line) for line in lines), lines
@@ -583,7 +613,8 @@ def test_better_candidate_is_promoted_then_a_worse_one_is_not(
     old, new = first.versions["1"], first.versions["2"]
     assert new > old
     assert out.splitlines()[-1] == (
-        f"promoted version 2 (test_accuracy {new:.4f} > champion version 1 {old:.4f})")
+        f"promoted version 2 (test_accuracy {new:.4f} > champion version 1 {old:.4f})"
+        f"; gate: {_mcnemar(trained)}")
     assert first.aliases == {"champion": "2"}
 
     # Another batch with a mistake (sandals filed as bags), added the documented way.
@@ -599,7 +630,8 @@ def test_better_candidate_is_promoted_then_a_worse_one_is_not(
     worse = second.versions["3"]
     assert worse < new
     assert out.splitlines()[-1] == (
-        f"kept champion version 2 (test_accuracy {new:.4f}; candidate version 3 {worse:.4f})")
+        f"kept champion version 2 (test_accuracy {new:.4f}; candidate version 3 {worse:.4f})"
+        f"; gate: {_mcnemar(trained)}")
     assert second.aliases == {"champion": "2", "challenger": "3"}
     assert list(second.runs.values()).count("FINISHED") == 3
 

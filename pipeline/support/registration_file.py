@@ -7,10 +7,11 @@ after `dvc repro`; it imports neither, so neither drags the other's dependencies
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.promotion import statistics_line
 
 
 class RegistrationFileError(PipelineError, ValueError):
@@ -34,6 +35,7 @@ class Registration:
     promoted: bool
     reason: str
     same_bytes_as: str | None = None  # the version that already held the run's model bytes
+    statistics: dict[str, Any] = field(default_factory=dict)  # the promotion gate's numbers
 
 
 def _model_version(raw: Any, key: str) -> ModelVersion | None:
@@ -70,7 +72,16 @@ def registration_from_record(raw: Any) -> Registration:
         promoted=bool(raw["promoted"]),
         reason=str(raw.get("reason", "")),
         same_bytes_as=None if raw.get("same_bytes_as") is None else str(raw["same_bytes_as"]),
+        statistics=_statistics(raw.get("statistics")),
     )
+
+
+def _statistics(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RegistrationFileError("statistics must be null or an object")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -89,11 +100,16 @@ def _value(value: float) -> str:
 def describe(registration: Registration, changed: bool) -> Outcome:
     """The one line a cycle ends with; `changed`: this cycle wrote the registration."""
     outcome = _describe(registration, changed)
+    line = outcome.line
+    if changed and registration.candidate is not None:
+        # Why: the test's numbers, where the gate ran one (not for a raw comparison).
+        gate = statistics_line(registration.statistics)
+        if gate not in ("-", "none (raw difference)"):
+            line = f"{line}; gate: {gate}"
     if changed and registration.same_bytes_as is not None:
-        return Outcome(outcome.kind, f"{outcome.line}; no new version: version "
-                                     f"{registration.same_bytes_as} already holds these model "
-                                     "bytes")
-    return outcome
+        line = (f"{line}; no new version: version {registration.same_bytes_as} already holds "
+                "these model bytes")
+    return Outcome(outcome.kind, line)
 
 
 def _describe(registration: Registration, changed: bool) -> Outcome:
