@@ -6,6 +6,7 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
+from pipeline.support import model_card
 from pipeline.support.model_card import Card, Confusion, build_card, locked_hashes, wilson_interval
 from tests.synthetic import CLASS_NAMES
 
@@ -34,6 +35,19 @@ def test_wilson_interval_is_scipys(correct: int, total: int) -> None:
     expected = binomtest(correct, total).proportion_ci(0.95, method="wilson")
     assert wilson_interval(correct, total) == pytest.approx(
         (expected.low, expected.high), abs=1e-12)
+
+
+@pytest.mark.parametrize(("test", "described"), [
+    ("mcnemar", "exact McNemar test, alpha 0.01, min_improvement 0.002"),
+    ("bootstrap", "paired bootstrap, alpha 0.01, 500 resamples, min_improvement 0.002"),
+    ("none", "no significance test, min_improvement 0.002"),
+])
+def test_the_card_names_the_promotion_rule_whole(test: str, described: str) -> None:
+    from pipeline.support.config import PromotionConfig
+
+    rule = PromotionConfig(metric="test_accuracy", min_improvement=0.002, test=test, alpha=0.01,
+                           bootstrap_samples=500)
+    assert model_card.rule_description(rule) == described
 
 
 def test_the_card_covers_data_parameters_scores_promotion_reproduction_and_limits() -> None:

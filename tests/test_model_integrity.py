@@ -242,6 +242,9 @@ def test_a_version_has_a_card_few_tags_and_its_scores_as_model_metrics(store: St
                     "## How to reproduce", "## Intended use and limits"):
         assert section in card
     assert "git checkout abc123" in card and version.tags["model_sha256"] in card
+    # The rule it was judged by, whole: the metric, the test and its level, the margin.
+    assert ("Promoted to `champion` on `test_accuracy` (exact McNemar test, alpha 0.05, "
+            "min_improvement 0.0): ") in card
     logged = Path(client.download_artifacts(run_id, "model_card.md", str(store.root)))
     assert logged.read_text() == card
     metrics = {m.key: m.value for m in client.get_logged_model(

@@ -183,6 +183,17 @@ def locked_hashes(lock_file: Path, paths: Sequence[str] = LOCKED_OUTPUTS) -> dic
     return {path: found[path] for path in paths if path in found}
 
 
+def rule_description(rule: Any) -> str:
+    """The promotion rule a version was judged by (`PromotionConfig`), for its card."""
+    if rule.test == "none":
+        test = "no significance test"
+    elif rule.test == "bootstrap":
+        test = f"paired bootstrap, alpha {rule.alpha}, {rule.bootstrap_samples} resamples"
+    else:
+        test = f"exact McNemar test, alpha {rule.alpha}"
+    return f"{test}, min_improvement {rule.min_improvement}"
+
+
 def card_for_run(cfg: Any, out: Any, run: Any, version: str, digest: str, promoted: bool,
                  reason: str, root: Path = Path(".")) -> str:
     """The card of `version`, registered from the MLflow run `run` (its params, metrics, tags)
@@ -214,7 +225,6 @@ def card_for_run(cfg: Any, out: Any, run: Any, version: str, digest: str, promot
         scores={split: {metric: metrics[f"{split}_{metric}"] for metric in SCORES
                         if f"{split}_{metric}" in metrics} for split in ("test", "val")},
         per_class_accuracy=per_class, top_confusions=confusions,
-        promotion=f"{decision} on `{rule.metric}` (min_improvement {rule.min_improvement}): "
-                  f"{reason}.",
+        promotion=f"{decision} on `{rule.metric}` ({rule_description(rule)}): {reason}.",
         git_commit=tags.get("git_commit", "unknown"), git_dirty=tags.get("git_dirty") == "true",
         locked=locked_hashes(root / "dvc.lock"), command=command))
