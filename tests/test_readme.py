@@ -13,10 +13,6 @@ from tests.synthetic import REPO_ROOT
 README = REPO_ROOT / "README.md"
 MAX_LINES = 300
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
-# Pages and targets written on other branches of this round (issues 19 and 22); the checks below
-# accept them missing only while they are missing. Empty this once those branches are merged.
-PENDING_PAGES: set[str] = set()
-PENDING_TARGETS: set[str] = set()
 
 
 def _make_targets() -> set[str]:
@@ -38,7 +34,7 @@ def test_readme_is_at_most_300_lines() -> None:
 
 def test_every_make_target_the_readme_names_exists() -> None:
     named = set(re.findall(r"\bmake ([a-z][a-z-]*[a-z])", README.read_text()))
-    missing = named - _make_targets() - PENDING_TARGETS
+    missing = named - _make_targets()
     assert not missing, f"README names make targets that do not exist: {sorted(missing)}"
     assert {"train", "test", "samples", "exps", "plots", "params"} <= named
 
@@ -47,10 +43,7 @@ def test_every_make_target_the_readme_names_exists() -> None:
 def test_every_relative_link_resolves(page: Path) -> None:
     broken = []
     for target in _links(page):
-        resolved = (page.parent / target).resolve()
-        relative = resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(
-            REPO_ROOT) else str(resolved)
-        if not resolved.exists() and relative not in PENDING_PAGES:
+        if not (page.parent / target).resolve().exists():
             broken.append(target)
     assert not broken, f"{page.name} links to missing files: {broken}"
 
