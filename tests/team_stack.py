@@ -46,6 +46,29 @@ def free_port_block(size: int) -> int:
     raise RuntimeError("no free block of ports")
 
 
+def http_status(url: str, user: str | None = None, password: str | None = None,
+                body: dict | None = None) -> int:
+    """The HTTP status of a GET (or, with `body`, a JSON POST) to `url`, with basic auth when
+    `user` is given: what a client without this project's code would get."""
+    import json
+    import urllib.error
+    import urllib.request
+    from base64 import b64encode
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    if user is not None:
+        token = b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """The variables a shell gets from `. team.env`."""
     values = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.team.settings import DVC_BUCKET, MLFLOW_BUCKET, S3_CLIENT_ENV
-from tests.team_stack import Team, read_env_file
+from tests.team_stack import Team, http_status, read_env_file
 
 pytestmark = pytest.mark.slow
 
@@ -44,22 +44,6 @@ def _member(team: Team, name: str, permission: str) -> dict[str, str]:
     return read_env_file(team.state / "users" / f"{name}.env")
 
 
-def _post(url: str, user: str, password: str, body: dict) -> int:
-    import json
-    import urllib.error
-    import urllib.request
-    from base64 import b64encode
-
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
-        "Content-Type": "application/json",
-        "Authorization": "Basic " + b64encode(f"{user}:{password}".encode()).decode()})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_a_read_member_creates_nothing_on_the_mlflow_server(team: Team) -> None:
     """MLflow's basic auth would let any logged-in user create; the stack's authorization
     function refuses it to READ members (and lets the admin and EDIT members through)."""
@@ -74,16 +58,18 @@ def test_a_read_member_creates_nothing_on_the_mlflow_server(team: Team) -> None:
     ]
     for path, body in creations:
         filled = {k: v.format(who="rita") if isinstance(v, str) else v for k, v in body.items()}
-        assert _post(uri + path, "rita", reader["MLFLOW_TRACKING_PASSWORD"], filled) == 403, path
+        assert http_status(uri + path, "rita", reader["MLFLOW_TRACKING_PASSWORD"],
+                           body=filled) == 403, path
     # A search is a POST too, and stays allowed.
-    assert _post(uri + "/api/2.0/mlflow/runs/search", "rita", reader["MLFLOW_TRACKING_PASSWORD"],
-                 {"experiment_ids": ["0"], "max_results": 1}) == 200
-    assert _post(uri + creations[0][0], "ed", editor["MLFLOW_TRACKING_PASSWORD"],
-                 {"name": "ed-experiment"}) == 200
+    assert http_status(uri + "/api/2.0/mlflow/runs/search", "rita",
+                       reader["MLFLOW_TRACKING_PASSWORD"],
+                       body={"experiment_ids": ["0"], "max_results": 1}) == 200
+    assert http_status(uri + creations[0][0], "ed", editor["MLFLOW_TRACKING_PASSWORD"],
+                       body={"name": "ed-experiment"}) == 200
     env = team.env
-    assert _post(uri + "/api/2.0/mlflow/experiments/search", env["MLFLOW_TRACKING_USERNAME"],
-                 env["MLFLOW_TRACKING_PASSWORD"], {"filter": "name = 'rita-experiment'",
-                                                   "max_results": 1}) == 200
+    assert http_status(uri + "/api/2.0/mlflow/experiments/search", env["MLFLOW_TRACKING_USERNAME"],
+                       env["MLFLOW_TRACKING_PASSWORD"],
+                       body={"filter": "name = 'rita-experiment'", "max_results": 1}) == 200
     from mlflow.tracking import MlflowClient
 
     os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_USERNAME",

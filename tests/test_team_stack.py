@@ -7,9 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 
 from tests.repo_copy import BIN, MAKE, Repo, make_repo
 from tests.synthetic import REPO_ROOT
-from tests.team_stack import Team
+from tests.team_stack import Team, http_status
 
 pytestmark = pytest.mark.slow
 VENV = BIN.parent
@@ -57,24 +54,13 @@ def test_nothing_listens_beyond_loopback(team: Team) -> None:
     assert all(address.startswith("127.0.0.1:") for address in ours), ours
 
 
-def _get(url: str, user: str | None = None, password: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if user is not None:
-        token = b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 def test_the_server_wants_credentials(team: Team) -> None:
     env = team.env
     url = env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1"
-    assert _get(url) == 401
-    assert _get(url, "admin", "wrong") == 401
-    assert _get(url, env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == 200
+    assert http_status(url) == 401
+    assert http_status(url, "admin", "wrong") == 401
+    assert http_status(url, env["MLFLOW_TRACKING_USERNAME"],
+                       env["MLFLOW_TRACKING_PASSWORD"]) == 200
 
 
 def test_a_read_only_user_loads_the_champion_but_cannot_move_or_delete(
@@ -237,8 +223,8 @@ def test_a_member_added_again_gets_a_new_password_and_the_new_permission(
     assert again.stderr == ""  # nothing from importing MLflow's server package
     second = read_env_file(user_file)["MLFLOW_TRACKING_PASSWORD"]
     assert second != first
-    assert _get(probe, "carol", first) == 401
-    assert _get(probe, "carol", second) == 200
+    assert http_status(probe, "carol", first) == 401
+    assert http_status(probe, "carol", second) == 200
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", second)
     client = MlflowClient(tracking_uri=url)
