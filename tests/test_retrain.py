@@ -476,6 +476,38 @@ def test_cycle_with_nothing_new_changes_nothing_logged_as_cron_does(
 
 
 @pytest.mark.slow
+def test_a_cycle_after_a_switch_of_store_records_the_run_in_the_new_store(
+    trained: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """DVC finds every stage up to date, but the store now in use has never seen the run: the
+    cycle records it there, as `make train` does, instead of saying "nothing changed"."""
+    from mlflow.tracking import MlflowClient
+
+    new_store = trained / "new-store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{new_store}")
+    old_registry = registry(trained)
+
+    code, out, err = _cycle(trained, capfd)
+
+    assert code == 0, err
+    assert "is not in" in out or "has no run" in out, out
+    assert re.search(r"retrain: step record in store: \S*dvc repro --force --downstream train",
+                     out), out
+    accuracy = json.loads((trained / retrain.REGISTRATION_FILE).read_text())["candidate"]["value"]
+    assert out.splitlines()[-1] == (
+        f"promoted version 1 (test_accuracy {accuracy:.4f}; no previous champion)")
+    client = MlflowClient(tracking_uri=f"sqlite:///{new_store}")
+    assert {alias: str(version) for alias, version in
+            client.get_registered_model(MODEL_NAME).aliases.items()} == {"champion": "1"}
+    assert registry(trained) == old_registry  # the old store is as it was
+    # A second cycle in the new store has nothing left to record.
+    code, out, err = _cycle(trained, capfd)
+    assert code == 0, err
+    assert "record in store" not in out
+    assert out.splitlines()[-1].startswith("nothing changed (champion version 1, ")
+
+
+@pytest.mark.slow
 def test_cycle_without_a_mirror_setting_finds_the_shared_archives_beside_the_checkout(
     first_cycle: FirstCycle, trained: Path, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture

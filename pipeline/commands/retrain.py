@@ -24,7 +24,10 @@ Steps, each a subprocess in the repository root (the directory holding dvc.yaml,
    `python -m pipeline.add_data` commits them;
 3. `python -m pipeline.stages.download`: re-verify the raw archives, refetch missing or corrupt
    ones;
-4. `dvc repro`: the whole pipeline, with whatever data/extra holds now.
+4. `dvc repro`: the whole pipeline, with whatever data/extra holds now;
+5. only when DVC found everything up to date but the MLflow store in use lacks the run this
+   checkout recorded (the store was switched: `pipeline.support.store_records`), the stages that
+   record it are redone in that store, as `make train` does.
 The download stage itself falls back on ../shared/fashion-mnist when FMNIST_MIRROR is unset, so
 cycles that cron or systemd start without make find the local archives too.
 The outcome comes from models/registration.json, which the `register` stage writes: unchanged
@@ -55,7 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.support import config, errors, store
+from pipeline.support import config, errors, store, store_records
 from pipeline.support.locks import LockBusy, exclusive_lock, timestamp
 from pipeline.support.outputs import Outputs
 from pipeline.support.registration_file import (
@@ -193,19 +196,45 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
             (root / data.extra_dir).mkdir(parents=True, exist_ok=True)
-        log.info(f"step {step.name}: {step}")
-        started = time.monotonic()
-        try:
-            code = run(list(step.argv), cwd=root, env=env).returncode
-        except OSError as exc:
-            raise CommandError(step.name, f"cannot run {step.argv[0]}: {exc}") from None
-        if code != 0:
-            raise CommandError(step.name, f"exited with code {code} (its output is above)")
-        log.info(f"step {step.name}: done in {time.monotonic() - started:.1f} s")
+        _run_step(step, root, env, log, run)
     after = take_snapshot(root)
+    if after == before and (missing := _missing_in_store(root, params)) is not None:
+        # DVC found everything up to date, but the store was switched since this checkout
+        # recorded its run: record it in this store, as `make train` does.
+        log.info(f"{missing.reason}: recording it in this store")
+        _run_step(Step("record in store", (venv_tool("dvc"), *missing.command.split()[1:])),
+                  root, env, log, run)
+        after = take_snapshot(root)
     if after.dvc_lock != before.dvc_lock and after.registration == before.registration:
         log.info("dvc.lock changed but the registration did not: no new candidate")
     return outcome_of(root, before, after)
+
+
+def _run_step(step: Step, root: Path, env: dict[str, str], log: CycleLog, run: Runner) -> None:
+    log.info(f"step {step.name}: {step}")
+    started = time.monotonic()
+    try:
+        code = run(list(step.argv), cwd=root, env=env).returncode
+    except OSError as exc:
+        raise CommandError(step.name, f"cannot run {step.argv[0]}: {exc}") from None
+    if code != 0:
+        raise CommandError(step.name, f"exited with code {code} (its output is above)")
+    log.info(f"step {step.name}: done in {time.monotonic() - started:.1f} s")
+
+
+def _missing_in_store(root: Path, params: Path) -> store_records.Missing | None:
+    """What the current MLflow store lacks of the run this checkout recorded; None if it holds
+    it all, or if the checkout recorded no run (its outputs came from `make pull`: the run is in
+    the store of whoever pushed them)."""
+    out = Outputs(root)
+    if not out.run.is_file():
+        return None
+    try:
+        cfg = config.load(params).mlflow
+        records, uri = store_records.open_reader(cfg)
+        return store_records.check(cfg, out, records, uri)
+    except errors.expected() as exc:
+        raise CommandError("check the store's records", errors.explain(exc)) from None
 
 
 # --- Reporting ------------------------------------------------------------------------------

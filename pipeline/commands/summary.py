@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.support import config, errors, store, store_records
+from pipeline.support import config, errors, store_records
 from pipeline.support.outputs import Outputs
 from pipeline.support.summary_table import format_run_summary
 
@@ -40,10 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         cfg = config.load(args.params).mlflow
-        uri = store.tracking_uri(cfg)
-        if not uri.startswith("sqlite:"):  # the sqlite store is read without MLflow
-            uri = store.connect(cfg, experiment=False)
-        records = store_records.reader(uri)
+        records, uri = store_records.open_reader(cfg)
         missing = store_records.check(cfg, out, records, uri)
         if missing is not None and args.reproduce:
             print(f"summary: {missing.reason}: recording it in this store: {missing.command}",

@@ -116,6 +116,16 @@ class ClientReader:
         return str(found.version) if found is not None else None
 
 
+def open_reader(cfg: config.MlflowConfig) -> tuple[Reader, str]:
+    """A reader of the store `cfg` names, and its URI (a server is connected to first)."""
+    from pipeline.support import store
+
+    uri = store.tracking_uri(cfg)
+    if not uri.startswith("sqlite:"):  # the sqlite store is read without MLflow
+        uri = store.connect(cfg, experiment=False)
+    return reader(uri), uri
+
+
 def reader(uri: str) -> Reader:
     """Direct queries for a local sqlite store (checked like MLflow would), else MLflow's
     client (import and connect first: `store.connect`)."""
