@@ -46,6 +46,7 @@ once, timestamped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -230,9 +231,11 @@ def _missing_in_store(root: Path, params: Path) -> store_records.Missing | None:
     if not out.run.is_file():
         return None
     try:
-        cfg = config.load(params).mlflow
-        records, uri = store_records.open_reader(cfg)
-        return store_records.check(cfg, out, records, uri)
+        # From the root, as the steps run: a relative store (sqlite:///mlflow.db) is the root's.
+        with contextlib.chdir(root):
+            cfg = config.load(params).mlflow
+            records, uri = store_records.open_reader(cfg)
+            return store_records.check(cfg, out, records, uri)
     except errors.expected() as exc:
         raise CommandError("check the store's records", errors.explain(exc)) from None
 
