@@ -62,6 +62,9 @@ class TrainingDivergedError(PipelineError, ValueError):
 # as one 256-row product, and each block's rows stay in cache from the forward to the backward
 # product (benchmarks/bench_softmax.py, docs/performance.md).
 _BLOCK_ROWS = 32
+# Blocks whose partial gradients are held at once: 1.5 MB for 2352 features, whatever the batch
+# size (a full-batch fit of 60,000 rows would otherwise hold 176 MB of them per part).
+_BLOCKS_PER_SUM = 16
 
 
 def loss_and_gradients(
@@ -131,13 +134,21 @@ def _part_forward_backward(
     logits[labels, columns] -= 1.0  # now n_samples * d(loss)/d(logits)
     logits *= logits.dtype.type(1.0 / batch_size)
 
-    if n_blocks:
-        np.matmul(logit_blocks, X_blocks, out=partial_grads[:n_blocks])
-    n_partials = n_blocks
-    if blocked < n_samples:
-        np.matmul(logits[:, blocked:], X[blocked:], out=partial_grads[n_blocks])
-        n_partials += 1
-    np.sum(partial_grads[:n_partials], axis=0, out=grad_coef)
+    # Groups of blocks, the remainder (fewer rows) last in the last group.
+    groups = [(start, min(start + _BLOCKS_PER_SUM, n_blocks))
+              for start in range(0, n_blocks, _BLOCKS_PER_SUM)] or [(0, 0)]
+    for start, stop in groups:
+        if stop > start:
+            np.matmul(logit_blocks[start:stop], X_blocks[start:stop],
+                      out=partial_grads[: stop - start])
+        n_partials = stop - start
+        if stop == n_blocks and blocked < n_samples:
+            np.matmul(logits[:, blocked:], X[blocked:], out=partial_grads[n_partials])
+            n_partials += 1
+        if start == 0:
+            np.sum(partial_grads[:n_partials], axis=0, out=grad_coef)
+        else:
+            grad_coef += np.sum(partial_grads[:n_partials], axis=0)
     np.sum(logits, axis=1, out=grad_intercept)
     return loss_sum, n_correct
 
@@ -169,7 +180,7 @@ class _BatchGradients:
     def __init__(self, n_classes: int, n_features: int, batch_size: int, dtype,
                  parallel: bool = False):
         # Either part of a smaller last batch can be larger than that part of a full one.
-        n_partials = batch_size // _BLOCK_ROWS + 1
+        n_partials = min(batch_size // _BLOCK_ROWS, _BLOCKS_PER_SUM) + 1
         self.logits = [np.empty(n_classes * batch_size, dtype=dtype) for _ in range(2)]
         self.partial_grads = [np.empty((n_partials, n_classes, n_features), dtype=dtype)
                               for _ in range(2)]
