@@ -161,8 +161,8 @@ def plan(params: Path, pull_extra: bool, compose: bool = True) -> list[Step]:
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
-def _read_parameters(params: Path) -> config.DataConfig:
-    """The data settings, once a tracking server that is down has failed the cycle in seconds,
+def _read_parameters(params: Path) -> config.Config:
+    """The parameters, once a tracking server that is down has failed the cycle in seconds,
     before any step works."""
     try:
         cfg = config.load(params)
@@ -172,7 +172,7 @@ def _read_parameters(params: Path) -> config.DataConfig:
         store.check_server(store.tracking_uri(cfg.mlflow))
     except store.StoreUnavailable as exc:
         raise CommandError("check tracking server", str(exc)) from None
-    return cfg.data
+    return cfg
 
 
 def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.run) -> Outcome:
@@ -190,20 +190,20 @@ def run_cycle(root: Path, params: Path, log: CycleLog, run: Runner = subprocess.
     log.info(f"DVC remotes: {', '.join(remotes)}" if remotes
              else "no DVC remote configured: using data/extra as it is")
     before = take_snapshot(root)
-    data = None
+    cfg = None
     for step in plan(params, pull_extra=bool(remotes), compose=compose):
-        if data is None and step.name != "params":  # once composed, before anything reads them
-            data = _read_parameters(params)
+        if cfg is None and step.name != "params":  # once composed, before anything reads them
+            cfg = _read_parameters(params)
         if step.name == "dvc repro":
             # A fresh clone has no data/extra when no image was ever added; split depends on it.
-            (root / data.extra_dir).mkdir(parents=True, exist_ok=True)
+            (root / cfg.data.extra_dir).mkdir(parents=True, exist_ok=True)
         _run_step(step, root, env, log, run)
     after = take_snapshot(root)
-    if after == before and (missing := _missing_in_store(root, params)) is not None:
+    if after == before and (missing := _missing_in_store(root, cfg.mlflow)) is not None:
         # DVC found everything up to date, but the store was switched since this checkout
         # recorded its run: record it in this store, as `make train` does.
         log.info(f"{missing.reason}: recording it in this store")
-        _run_step(Step("record in store", (venv_tool("dvc"), *missing.command.split()[1:])),
+        _run_step(Step("record in store", (venv_tool("dvc"), *missing.dvc_args)),
                   root, env, log, run)
         after = take_snapshot(root)
     if after.dvc_lock != before.dvc_lock and after.registration == before.registration:
@@ -223,7 +223,8 @@ def _run_step(step: Step, root: Path, env: dict[str, str], log: CycleLog, run: R
     log.info(f"step {step.name}: done in {time.monotonic() - started:.1f} s")
 
 
-def _missing_in_store(root: Path, params: Path) -> store_records.Missing | None:
+def _missing_in_store(root: Path,
+                      cfg: config.MlflowConfig) -> store_records.Missing | None:
     """What the current MLflow store lacks of the run this checkout recorded; None if it holds
     it all, or if the checkout recorded no run (its outputs came from `make pull`: the run is in
     the store of whoever pushed them)."""
@@ -233,7 +234,6 @@ def _missing_in_store(root: Path, params: Path) -> store_records.Missing | None:
     try:
         # From the root, as the steps run: a relative store (sqlite:///mlflow.db) is the root's.
         with contextlib.chdir(root):
-            cfg = config.load(params).mlflow
             records, uri = store_records.open_reader(cfg)
             return store_records.check(cfg, out, records, uri)
     except errors.expected() as exc:

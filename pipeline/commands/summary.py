@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing is not None and args.reproduce:
             print(f"summary: {missing.reason}: recording it in this store: {missing.command}",
                   file=sys.stderr, flush=True)
-            if subprocess.run([_dvc(), *missing.command.split()[1:]]).returncode == 0:
+            if subprocess.run([_dvc(), *missing.dvc_args]).returncode == 0:
                 missing = store_records.check(cfg, out, records, uri)
         if missing is not None:
             print(f"summary: error: {missing.reason}; record it in this store with "

@@ -10,12 +10,14 @@ predictions file whose bytes are not those its run recorded at evaluation is nev
 from __future__ import annotations
 
 import hashlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.core.files import read_bounded
 from pipeline.core.paired_tests import (
     PREDICTIONS_FILE,
     PredictionsFileError,
@@ -33,10 +35,13 @@ ARTIFACT_PATH = f"{ARTIFACT_DIR}/{PREDICTIONS_FILE}"
 DIGEST_CHARS = 16  # of a test set's SHA-256 in messages: enough to tell two apart
 # The run tag the evaluate stage sets to the SHA-256 of the predictions file it logged.
 PREDICTIONS_DIGEST_TAG = "test_predictions_sha256"
+# About 100 KB for 10,000 test images; a file far larger is not one the evaluate stage wrote.
+MAX_PREDICTIONS_BYTES = 64 << 20
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """SHA-256 of a predictions file (a regular file of at most MAX_PREDICTIONS_BYTES)."""
+    return hashlib.sha256(read_bounded(path, MAX_PREDICTIONS_BYTES)).hexdigest()
 
 
 def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
@@ -54,18 +59,20 @@ def logged_predictions(client: Any, run_id: str) -> ScoredPredictions | None:
     with tempfile.TemporaryDirectory(prefix="fmnist-gate-") as folder:
         local = model_loader.download_run_files(run_id, ARTIFACT_PATH, folder)
         name = f"run {run_id} {ARTIFACT_PATH}"
-        if expected is not None and (actual := file_sha256(Path(local))) != expected:
-            raise PredictionsFileError(
-                f"{name} has SHA-256 {actual}, but the run recorded {expected} "
-                f"({PREDICTIONS_DIGEST_TAG}) when it was evaluated: the file was replaced or "
-                "damaged, so the gate compares nothing and no alias moves")
-        try:
-            with np.load(Path(local), allow_pickle=False) as arrays:
-                return predictions_from_arrays(dict(arrays), name)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, PredictionsFileError):
-                raise
-            raise PredictionsFileError(f"{name} is not a readable npz file: {exc}") from None
+        data = read_bounded(local, MAX_PREDICTIONS_BYTES)  # read once: hashed, then loaded
+    actual = hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
+        raise PredictionsFileError(
+            f"{name} has SHA-256 {actual}, but the run recorded {expected} "
+            f"({PREDICTIONS_DIGEST_TAG}) when it was evaluated: the file was replaced or "
+            "damaged, so the gate compares nothing and no alias moves")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return predictions_from_arrays(dict(arrays), name)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, PredictionsFileError):
+            raise
+        raise PredictionsFileError(f"{name} is not a readable npz file: {exc}") from None
 
 
 def judge(client: Any, rule: PromotionConfig, candidate_run_id: str, candidate_value: float,

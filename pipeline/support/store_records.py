@@ -22,7 +22,13 @@ from typing import Any, Protocol
 
 from pipeline.support import config, tracking
 from pipeline.support.outputs import Outputs
-from pipeline.support.store import CHAMPION, check_integrity, local_store_path
+from pipeline.support.store import (
+    CHAMPION,
+    check_integrity,
+    connect,
+    local_store_path,
+    tracking_uri,
+)
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,13 @@ class Missing:
     reason: str
 
     @property
-    def command(self) -> str:
+    def dvc_args(self) -> tuple[str, ...]:
         """Redo that stage and the ones after it, whatever DVC thinks is up to date."""
-        return f"dvc repro --force --downstream {self.stage}"
+        return ("repro", "--force", "--downstream", self.stage)
+
+    @property
+    def command(self) -> str:
+        return "dvc " + " ".join(self.dvc_args)
 
 
 class Reader(Protocol):
@@ -118,11 +128,9 @@ class ClientReader:
 
 def open_reader(cfg: config.MlflowConfig) -> tuple[Reader, str]:
     """A reader of the store `cfg` names, and its URI (a server is connected to first)."""
-    from pipeline.support import store
-
-    uri = store.tracking_uri(cfg)
+    uri = tracking_uri(cfg)
     if not uri.startswith("sqlite:"):  # the sqlite store is read without MLflow
-        uri = store.connect(cfg, experiment=False)
+        uri = connect(cfg, experiment=False)
     return reader(uri), uri
 
 
